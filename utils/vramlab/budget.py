@@ -1,0 +1,81 @@
+"""Make a block of code behave like a GPU with a fixed amount of memory.
+
+>>> with budget("2 GiB", model, optimizer) as m:
+...     train_step()          # raises torch.OutOfMemoryError past 2 GiB
+
+On a CPU the storage tracker refuses, before it allocates, any op whose new tensors would
+take the live total past the budget, and raises a real ``torch.OutOfMemoryError`` whose
+message has CUDA's fields (tried to allocate, total capacity, free, in use). On CUDA the
+caching allocator is capped with ``torch.cuda.set_per_process_memory_fraction``; the cap
+counts what the allocator *reserves*, cache included, as a real smaller GPU would.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+import torch
+
+from .measure import Measurement, measure
+from .units import format_bytes, parse_bytes
+
+
+class budget:
+    """Context manager: run the block as if the device had only ``size`` of memory.
+
+    Args:
+        size: the budget, e.g. ``"2 GiB"``, ``"16GB"`` (decimal) or a number of bytes.
+        *track: objects alive before the block that count against the budget (model,
+            optimizer, inputs). On a CPU only tracked objects and what the block creates
+            count; on CUDA everything the process has allocated on the device counts.
+        device: "cpu" or "cuda" (default: as :class:`vramlab.measure` chooses).
+
+    Yields the :class:`Measurement` of the block. On exit, also after an out-of-memory
+    error, the previous allocator cap is restored and the garbage collector runs.
+    """
+
+    def __init__(self, size: int | str, *track: Any, device: str | None = None, timeline: bool = False) -> None:
+        self.limit = parse_bytes(size)
+        if self.limit <= 0:
+            raise ValueError(f"a budget must be more than 0 bytes, got {size!r}")
+        self._measure = measure(*track, device=device, timeline=timeline, limit=None)
+        self.device = self._measure.device
+        if self.device == "cpu":
+            self._measure.tracker.limit = self.limit
+        self._old_fraction: float | None = None
+
+    def __enter__(self) -> Measurement:
+        if self.device == "cuda":
+            self._cap_cuda()
+        try:
+            return self._measure.__enter__()
+        except BaseException:
+            self._restore()
+            raise
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self._measure.__exit__(*exc)
+        finally:
+            self._restore()
+
+    def _cap_cuda(self) -> None:
+        total = torch.cuda.get_device_properties(0).total_memory
+        if self.limit > total:
+            raise ValueError(
+                f"a budget of {format_bytes(self.limit)} is more than this GPU has "
+                f"({format_bytes(total)}); choose a smaller budget"
+            )
+        getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+        self._old_fraction = float(getter()) if getter else 1.0
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(self.limit / total)
+
+    def _restore(self) -> None:
+        gc.collect()
+        if self.device == "cuda" and self._old_fraction is not None:
+            torch.cuda.set_per_process_memory_fraction(self._old_fraction)
+            torch.cuda.empty_cache()
+            self._old_fraction = None

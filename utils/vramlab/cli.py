@@ -1,0 +1,122 @@
+"""The ``vramlab`` command: quick answers outside notebooks.
+
+    vramlab models
+    vramlab estimate llama-2-7b --batch 1 --seq 4096 --recipe amp-bf16 [--json]
+    vramlab dryrun   llama-2-7b --batch 1 --seq 4096 --recipe amp-bf16 [--json]
+
+``--inference`` means a prefill of ``--seq`` tokens per sequence that builds the KV cache,
+under ``torch.inference_mode``; without it, one full training step (forward, backward,
+optimizer step). Bad arguments print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, NoReturn
+
+from .models import REGISTRY, from_hf_config, get_arch
+from .recipes import OPTIMIZERS, RECIPES
+from .units import format_bytes
+
+ROLES = ("parameters", "gradients", "optimizer", "activations", "other")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"vramlab: error: {message} (see 'vramlab --help')\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="vramlab", description="Estimate and measure the memory of LLM training and inference.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub.add_parser("models", help="list the architectures in the registry")
+    for name, text in (("estimate", "closed-form estimate (instant)"), ("dryrun", "exact allocation trace on fake tensors")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("model", nargs="?", help=f"a registry name: {', '.join(REGISTRY)}")
+        cmd.add_argument("--config", help="a Hugging Face config.json instead of a registry name")
+        cmd.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
+        cmd.add_argument("--seq", type=int, default=1024, help="tokens per sequence (default 1024)")
+        cmd.add_argument("--recipe", choices=RECIPES, default="fp32", help="precision recipe (default fp32)")
+        cmd.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="optimizer (default adamw)")
+        cmd.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa", help="attention implementation")
+        cmd.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
+        cmd.add_argument("--inference", action="store_true", help="a prefill that builds the KV cache, not a training step")
+        cmd.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def _arch(args: argparse.Namespace) -> Any:
+    if args.config and args.model:
+        raise ValueError("give a model name or --config, not both")
+    if args.config:
+        return from_hf_config(args.config)
+    if not args.model:
+        raise ValueError("name a model (see 'vramlab models') or pass --config config.json")
+    return get_arch(args.model)
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+    arch = _arch(args)
+    kwargs = dict(batch=args.batch, seq=args.seq, recipe=args.recipe, optimizer=args.optimizer,
+                  checkpointing=args.checkpointing, inference=args.inference, attention=args.attention)
+    if args.command == "estimate":
+        from .estimate import estimate
+
+        return estimate(arch, **kwargs).to_json()
+    from .dryrun import dryrun
+
+    result = dryrun(arch, **kwargs)
+    return {
+        "model": arch.name, "params": result.params, "source": result.measurement.source,
+        "setup": result.setup, "bytes": {k: result.breakdown[k] for k in ROLES},
+        "peak_bytes": result.peak_bytes,
+    }
+
+
+def _table(obj: dict[str, Any]) -> str:
+    setup = obj["setup"]
+    kind = "prefill (inference)" if setup["inference"] else "training step"
+    lines = [
+        f"{obj['model']}: {obj['params']:,} parameters; {kind}, batch {setup['batch']}, seq {setup['seq']}, "
+        f"{setup['recipe']}" + ("" if setup["inference"] else f", {setup['optimizer']}")
+        + (", checkpointing" if setup["checkpointing"] else ""),
+        f"source: {obj['source']}" + (f" (peak at: {obj['peak_moment']})" if "peak_moment" in obj else ""),
+    ]
+    for role in ROLES:
+        lines.append(f"  {role:<12}{format_bytes(obj['bytes'][role]):>14}")
+    lines.append(f"  {'peak':<12}{format_bytes(obj['peak_bytes']):>14}   ({obj['peak_bytes']:,} bytes; 1 GiB = 1024^3 bytes)")
+    return "\n".join(lines)
+
+
+def _models() -> str:
+    from .estimate import param_count
+
+    lines = [f"{'name':<14}{'family':<9}{'params':>16}  {'layers':>6} {'hidden':>6} {'heads':>5} {'kv':>3}  source"]
+    for arch in REGISTRY.values():
+        lines.append(
+            f"{arch.name:<14}{arch.family:<9}{param_count(arch):>16,}  {arch.num_layers:>6} {arch.hidden_size:>6} "
+            f"{arch.num_heads:>5} {arch.num_kv_heads:>3}  {arch.source}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``vramlab`` command; returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "models":
+            print(_models())
+            return 0
+        obj = _run(args)
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        print(f"vramlab: error: {message}", file=sys.stderr)
+        return 2
+    print(json.dumps(obj, indent=2) if args.json else _table(obj))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,231 @@
+"""Dry runs: the exact tensor allocations of a real model's step, without the memory.
+
+The model (a transformers ``*ForCausalLM`` built from an :class:`ArchConfig`) is created
+under ``FakeTensorMode`` on device "cpu": every op runs its shape logic and returns a fake
+tensor with a real size but no data, so a 7B-parameter training step takes seconds and a
+few hundred MiB of RAM. The storage tracker (:mod:`vramlab.tracker`) records what a GPU's
+allocator would have held at each op.
+
+How it differs from a GPU run, stated here once: fake tensors live on the CPU device, so
+ops pick their CPU kernels (attention is the CPU flash kernel, not cuDNN/FlashAttention, and
+the CPU autocast op lists apply); kernels' private workspaces are not seen; the CUDA
+allocator's 512-byte rounding and cache are not modelled. The optimizer uses the foreach
+implementation, the default on CUDA (the CPU default is a per-tensor loop).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from .measure import Measurement, measure
+from .models import ArchConfig, get_arch
+from .recipes import Recipe, check_optimizer, check_positive, get_recipe
+
+
+@dataclass
+class DryRunResult:
+    """A dry-run measurement with the set-up that produced it. Sizes in bytes."""
+
+    arch: ArchConfig
+    params: int
+    measurement: Measurement
+    setup: dict[str, Any]
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.measurement.peak_bytes
+
+    @property
+    def breakdown(self) -> dict[str, int]:
+        return self.measurement.breakdown
+
+
+ATTENTION = "vramlab_causal_sdpa"
+
+
+def _register_causal_sdpa() -> None:
+    """Register an attention implementation that is transformers' SDPA with no mask.
+
+    With real tensors transformers sees an unpadded batch and calls SDPA with
+    ``is_causal=True`` and no mask. Fake tensors cannot be read, so transformers would
+    materialise a (batch, 1, seq, seq) mask that a real run never has; this registration
+    (through its public ``AttentionInterface``) restores the real run's behaviour.
+    """
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def no_mask(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    AttentionInterface.register(ATTENTION, sdpa_attention_forward)
+    AttentionMaskInterface.register(ATTENTION, no_mask)
+
+
+def build_hf_model(arch: ArchConfig, dtype: torch.dtype = torch.float32, attention: str = "sdpa") -> torch.nn.Module:
+    """Build the transformers causal-LM module for ``arch`` (call it under a fake mode
+    unless the model is tiny: the weights are randomly initialised, never downloaded).
+
+    Dropout is off (as in modern LLM pre-training; GPT-2's published configs use 0.1) and
+    attention is causal SDPA over unpadded sequences (or ``attention="eager"``: scores
+    materialised, as transformers' eager path does), with no sliding window.
+    """
+    if attention not in ("sdpa", "eager"):
+        raise ValueError(f"unknown attention {attention!r}; use 'sdpa' or 'eager'")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import transformers
+
+    _register_causal_sdpa()
+    common = dict(vocab_size=arch.vocab_size, tie_word_embeddings=arch.tie_embeddings)
+    if arch.family == "gpt2":
+        config = transformers.GPT2Config(
+            n_embd=arch.hidden_size, n_layer=arch.num_layers, n_head=arch.num_heads,
+            n_inner=arch.intermediate_size, n_positions=arch.max_position,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None,
+            **common,
+        )
+        cls = transformers.GPT2LMHeadModel
+    else:
+        config_cls, cls = {
+            "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+            "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        }[arch.family]
+        config = config_cls(
+            hidden_size=arch.hidden_size, num_hidden_layers=arch.num_layers,
+            num_attention_heads=arch.num_heads, num_key_value_heads=arch.num_kv_heads,
+            intermediate_size=arch.intermediate_size, max_position_embeddings=arch.max_position,
+            **({"sliding_window": None} if arch.family != "llama" else {}),
+            **common,
+        )
+    config._attn_implementation = ATTENTION if attention == "sdpa" else "eager"
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in the target dtype: .to() cannot swap fake params
+    try:
+        return cls(config)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def make_optimizer(name: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer ``name`` over ``params``, configured as on a GPU (foreach where it exists)."""
+    name = check_optimizer(name)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=1e-4, foreach=True)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=1e-4, foreach=True)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-3, foreach=True)
+    if name == "sgd-momentum":
+        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=True)
+    if name == "adafactor":
+        return torch.optim.Adafactor(params, lr=1e-3, foreach=True)
+    raise ValueError(
+        "adamw-8bit (bitsandbytes) has no dry-run path: its kernels have no fake-tensor "
+        "implementation. Use `vramlab estimate --optimizer adamw-8bit`, or measure it for real "
+        "on a small model (chapter 11)."
+    )
+
+
+def _autocast(recipe: Recipe) -> contextlib.AbstractContextManager:
+    if recipe.compute_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=recipe.compute_dtype)
+
+
+def dryrun(
+    model: str | ArchConfig,
+    batch: int = 1,
+    seq: int = 1024,
+    recipe: str = "fp32",
+    optimizer: str = "adamw",
+    checkpointing: bool = False,
+    inference: bool = False,
+    attention: str = "sdpa",
+    timeline: bool = False,
+) -> DryRunResult:
+    """Measure one step of ``model`` by dry run.
+
+    Training (default): forward with labels (the loss in fp32, as transformers computes
+    it), backward, and one optimizer step. ``inference=True``: a prefill of ``seq`` tokens
+    per sequence under ``torch.inference_mode`` that builds the KV cache and computes the
+    logits of the last position (what ``generate`` does).
+    """
+    arch = get_arch(model)
+    check_positive(batch=batch, seq=seq)
+    rec = get_recipe(recipe)
+    optimizer = check_optimizer(optimizer)
+    if seq > arch.max_position and arch.family == "gpt2":
+        raise ValueError(f"{arch.name} has learned positions for at most {arch.max_position} tokens; got seq={seq}")
+    setup = dict(batch=batch, seq=seq, recipe=rec.name, optimizer=optimizer,
+                 checkpointing=checkpointing, inference=inference, attention=attention)
+    if not inference and optimizer in ("adafactor", "adamw-8bit"):
+        raise ValueError(
+            f"{optimizer} has no dry-run path (its step reads values with .item() or runs kernels "
+            "that fake tensors cannot run). Use `vramlab estimate`, or measure it for real on a "
+            "small model with vramlab.measure."
+        )
+    with FakeTensorMode(allow_non_fake_inputs=False):
+        net = build_hf_model(arch, rec.param_dtype, attention)
+        params = sum(p.numel() for p in net.parameters())
+        ids = torch.randint(0, arch.vocab_size, (batch, seq))
+        if inference:
+            result = _prefill(net, ids, rec, timeline)
+        else:
+            result = _train_step(net, ids, rec, optimizer, checkpointing, timeline)
+    return DryRunResult(arch, params, result, setup)
+
+
+def _prefill(net: torch.nn.Module, ids: torch.Tensor, rec: Recipe, timeline: bool) -> Measurement:
+    net.eval()
+    meter = measure(net, ids, timeline=timeline)
+    with meter as m, torch.inference_mode(), _autocast(rec):
+        out = net(input_ids=ids, use_cache=True, logits_to_keep=1)
+        meter.tracker.register(list(cache_tensors(out.past_key_values)), role="other")
+        del out
+    return m
+
+
+def cache_tensors(cache: Any) -> Iterator[torch.Tensor]:
+    """The key and value tensors of a transformers cache (``DynamicCache`` and kin)."""
+    for layer in getattr(cache, "layers", []) or []:
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor):
+                yield tensor
+
+
+def _train_step(net: torch.nn.Module, ids: torch.Tensor, rec: Recipe, optimizer: str, checkpointing: bool, timeline: bool) -> Measurement:
+    net.train()
+    if checkpointing:
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    opt = make_optimizer(optimizer, [p for p in net.parameters() if p.requires_grad])
+    with measure(net, opt, ids, timeline=timeline) as m:
+        with _autocast(rec):
+            loss = net(input_ids=ids, labels=ids, use_cache=False).loss
+        if rec.grad_scaler:
+            _scaled_backward_and_step(loss, net, opt)
+        else:
+            loss.backward()
+            opt.step()
+        del loss
+    return m
+
+
+def _scaled_backward_and_step(loss: torch.Tensor, net: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    """GradScaler's memory behaviour on fake tensors: scale the loss, unscale the gradients
+    in place (one fused op, no copies), then step. (GradScaler itself reads ``found_inf``
+    with ``.item()``, which a fake tensor cannot answer.)"""
+    scale = torch.full((), 2.0**16)
+    (loss * scale).backward()
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    found_inf = torch.zeros(())
+    torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, scale.reciprocal())
+    opt.step()

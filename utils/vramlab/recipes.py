@@ -1,0 +1,59 @@
+"""Training set-ups by name: precision recipes and optimizers, shared by estimate and dryrun."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+RECIPES = ("fp32", "amp-bf16", "amp-fp16", "bf16")
+OPTIMIZERS = ("adamw", "adam", "sgd", "sgd-momentum", "adafactor", "adamw-8bit")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a training step handles precision.
+
+    ``param_dtype``: the dtype the weights (and so gradients and optimizer states) are
+    stored in; ``compute_dtype``: the dtype autocast runs matmuls in (None: no autocast).
+    """
+
+    name: str
+    param_dtype: torch.dtype
+    compute_dtype: torch.dtype | None
+    grad_scaler: bool
+
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        return self.compute_dtype or self.param_dtype
+
+
+_RECIPES = {
+    "fp32": Recipe("fp32", torch.float32, None, False),
+    "amp-bf16": Recipe("amp-bf16", torch.float32, torch.bfloat16, False),
+    "amp-fp16": Recipe("amp-fp16", torch.float32, torch.float16, True),
+    "bf16": Recipe("bf16", torch.bfloat16, None, False),
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    """Look up a precision recipe: fp32, amp-bf16, amp-fp16 (with GradScaler) or bf16 (pure)."""
+    try:
+        return _RECIPES[str(name).lower()]
+    except KeyError:
+        raise ValueError(f"unknown recipe {name!r}; use one of {', '.join(RECIPES)}") from None
+
+
+def check_optimizer(name: str) -> str:
+    """Return the optimizer name, or raise a ValueError listing the known ones."""
+    key = str(name).lower()
+    if key not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}")
+    return key
+
+
+def check_positive(**values: int) -> None:
+    """Raise a ValueError naming any value that is not a positive integer (batch, seq...)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -1,0 +1,64 @@
+"""Find the largest batch that fits: double until out of memory, then bisect."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class BatchSearch:
+    """The result of :func:`largest_batch`: the largest batch that ran, and every try."""
+
+    largest: int
+    tried: dict[int, bool] = field(default_factory=dict)  # batch -> ran without OOM
+
+    def __str__(self) -> str:
+        tries = ", ".join(f"{b}:{'ok' if ok else 'OOM'}" for b, ok in sorted(self.tried.items()))
+        return f"largest batch that fits: {self.largest} (tried {tries})"
+
+
+def _fits(step: Callable[[int], object], batch: int) -> bool:
+    try:
+        step(batch)
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def largest_batch(step: Callable[[int], object], start: int = 1, limit: int = 1 << 16) -> BatchSearch:
+    """Largest batch size for which ``step(batch)`` raises no ``torch.OutOfMemoryError``.
+
+    ``step`` must run one full step at that batch size inside a memory budget (a real GPU,
+    or :func:`vramlab.budget` on a CPU) and keep no reference to what it allocated. The
+    search doubles from ``start`` until a batch fails (or ``limit`` is reached), then
+    bisects between the last success and the first failure. Returns 0 in ``largest``
+    when even ``start`` does not fit.
+    """
+    if not isinstance(start, int) or start < 1:
+        raise ValueError(f"start must be a positive integer batch size, got {start!r}")
+    if not isinstance(limit, int) or limit < start:
+        raise ValueError(f"limit must be an integer >= start ({start}), got {limit!r}")
+    tried: dict[int, bool] = {}
+    good, bad, batch = 0, None, start
+    while batch <= limit:
+        tried[batch] = _fits(step, batch)
+        if not tried[batch]:
+            bad = batch
+            break
+        good, batch = batch, batch * 2
+    if bad is None:
+        return BatchSearch(good, tried)
+    low, high = good, bad  # low fits (or is 0), high does not
+    while high - low > 1:
+        middle = (low + high) // 2
+        tried[middle] = _fits(step, middle)
+        low, high = (middle, high) if tried[middle] else (low, middle)
+    return BatchSearch(low, tried)

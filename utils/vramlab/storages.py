@@ -1,0 +1,80 @@
+"""Find the real storages behind a tensor, and count their bytes.
+
+A plain tensor owns (or shares) one untyped storage. A view shares its base's storage, so
+counting ``numel * element_size`` per tensor double-counts views and misses the bytes a
+view keeps alive. Tensor subclasses (quantized weights, for example) are wrappers: their
+bytes live in the inner tensors returned by ``__tensor_flatten__``. Sparse tensors have no
+storage of their own; their bytes are in their index and value tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+_SPARSE_COMPRESSED = {torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc}
+
+
+def real_storages(tensor: torch.Tensor) -> Iterator[torch.UntypedStorage]:
+    """Yield every untyped storage that holds the bytes of ``tensor`` (subclasses flattened)."""
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        for name in names:
+            yield from real_storages(getattr(tensor, name))
+        return
+    if tensor.layout == torch.sparse_coo:
+        yield from real_storages(tensor._indices())
+        yield from real_storages(tensor._values())
+        return
+    if tensor.layout in _SPARSE_COMPRESSED:
+        compressed, plain = _compressed_indices(tensor)
+        for part in (compressed, plain, tensor.values()):
+            yield from real_storages(part)
+        return
+    try:
+        yield tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return  # e.g. a wrapper without storage that is not traceable: nothing to count
+
+
+def _compressed_indices(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if tensor.layout in (torch.sparse_csr, torch.sparse_bsr):
+        return tensor.crow_indices(), tensor.col_indices()
+    return tensor.ccol_indices(), tensor.row_indices()
+
+
+def tensors_in(obj: Any) -> Iterator[torch.Tensor]:
+    """Yield the tensors found in ``obj``: a tensor, a module (parameters, gradients and
+    buffers), an optimizer (its state), or a (nested) list/tuple/dict of those."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, torch.nn.Module):
+        for p in obj.parameters():
+            yield p
+            if p.grad is not None:
+                yield p.grad
+        yield from obj.buffers()
+    elif isinstance(obj, torch.optim.Optimizer):
+        for state in obj.state.values():
+            yield from tensors_in(state)
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from tensors_in(value)
+    elif isinstance(obj, (list, tuple, set)):
+        for value in obj:
+            yield from tensors_in(value)
+
+
+def storage_bytes(objs: Iterable[Any] | Any) -> int:
+    """Bytes of the distinct storages behind ``objs`` (views and shared weights counted once).
+
+    This is what a tensor really occupies, before any allocator rounding.
+    """
+    seen: dict[int, torch.UntypedStorage] = {}
+    for tensor in tensors_in(objs):
+        for storage in real_storages(tensor):
+            seen[id(storage)] = storage  # holding it keeps its id unique while we count
+    return sum(storage.nbytes() for storage in seen.values())

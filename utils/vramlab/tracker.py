@@ -1,0 +1,335 @@
+"""A dispatch-level tracker of live tensor storages: the CPU stand-in for CUDA's allocator stats.
+
+Every ATen op passes through :class:`StorageTracker`. Each storage the op returns that the
+tracker has not seen is recorded with its size in bytes, the phase it was born in
+(forward / backward / optimizer) and, where known, its role (parameter, gradient, optimizer
+state). A ``weakref.finalize`` on the storage removes it when its last reference dies, so
+``current_bytes`` is the bytes of live storages, which is what ``torch.cuda.memory_allocated``
+counts on a GPU, before the CUDA caching allocator rounds each block up to 512 bytes. The
+peak is sampled after every op, while the op's inputs and outputs are both alive.
+
+What the tracker cannot see: memory a kernel allocates internally and frees before returning
+(e.g. a cuBLAS or oneDNN workspace), tensors created before it started unless registered,
+and memory that is not a tensor (the CUDA context, the allocator's cache).
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.optim.optimizer as optim_hooks
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map_only
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .storages import real_storages, tensors_in
+from .units import format_bytes
+
+ROLES: tuple[str, ...] = ("parameters", "gradients", "optimizer", "activations", "other")
+PHASES: tuple[str, ...] = ("before", "forward", "backward", "optimizer")
+CUDA_BLOCK = 512  # the CUDA caching allocator rounds every block up to a multiple of this
+
+
+@dataclass
+class Record:
+    """One live storage: its size in bytes, the phase it was born in, and its role if known."""
+
+    nbytes: int
+    phase: str
+    op: str
+    role: str | None = None
+
+    @property
+    def resolved_role(self) -> str:
+        """The role used in breakdowns: an explicit role, else activations for what the
+        forward pass created and still holds, else other."""
+        if self.role is not None:
+            return self.role
+        return "activations" if self.phase == "forward" else "other"
+
+
+@dataclass
+class TimelinePoint:
+    """Live bytes after one op."""
+
+    index: int
+    op: str
+    phase: str
+    live_bytes: int
+
+
+@dataclass
+class OomDetails:
+    """The fields of a simulated out-of-memory error, all in bytes."""
+
+    tried: int
+    limit: int
+    in_use: int
+
+    @property
+    def free(self) -> int:
+        return max(self.limit - self.in_use, 0)
+
+
+def oom_message(details: OomDetails, where: str) -> str:
+    """A message with the fields, in the order, of CUDA's out-of-memory message."""
+    return (
+        f"{where} out of memory. Tried to allocate {format_bytes(details.tried)}. "
+        f"The budget has a total capacity of {format_bytes(details.limit)} of which "
+        f"{format_bytes(details.free)} is free. Of the budget, {format_bytes(details.in_use)} "
+        "is allocated by tensors tracked in this block and 0 B is reserved but unallocated "
+        "(the CPU tracker has no cache). Free tensors you no longer need, lower the batch "
+        "size, or apply a strategy from Part III."
+    )
+
+
+class StorageTracker(TorchDispatchMode):
+    """Track live storages on one device type; optionally refuse to exceed ``limit`` bytes.
+
+    Args:
+        device_type: only storages of tensors on this device type count ("cpu", "cuda").
+        limit: a budget in bytes; an op that would exceed it raises ``torch.OutOfMemoryError``.
+        timeline: keep a :class:`TimelinePoint` after every op.
+        round_to: round every storage up to a multiple of this many bytes (512 mimics CUDA).
+    """
+
+    def __init__(
+        self,
+        device_type: str = "cpu",
+        limit: int | None = None,
+        timeline: bool = False,
+        round_to: int = 1,
+    ) -> None:
+        super().__init__()
+        self.device_type = device_type
+        self.limit = limit
+        self.round_to = max(int(round_to), 1)
+        self.timeline: list[TimelinePoint] | None = [] if timeline else None
+        self.current_bytes = 0
+        self.peak_bytes = 0
+        self.peak_records: list[Record] = []
+        self.ops = 0
+        self._live: dict[int, Record] = {}
+        self._keys: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._counter = itertools.count()
+        self._in_optimizer = 0
+        self._phase_override: str | None = None
+        self._hooks: list[Any] = []
+
+    # -- registration -------------------------------------------------------------------
+    def register(self, obj: Any, role: str | None = None) -> None:
+        """Count the storages behind ``obj`` (tensor, module, optimizer, or a collection).
+
+        A module's parameters get the role "parameters" and their gradients "gradients";
+        an optimizer's state gets "optimizer"; a plain tensor gets ``role`` (default other).
+        """
+        if isinstance(obj, torch.nn.Module):
+            self.watch_module(obj)
+            for buf in obj.buffers():
+                self._register_tensor(buf, "other")
+        elif isinstance(obj, torch.optim.Optimizer):
+            self.mark_optimizer(obj)
+        else:
+            for tensor in tensors_in(obj):
+                self._register_tensor(tensor, role or "other")
+        self._update_peak()
+
+    def watch_module(self, module: torch.nn.Module) -> None:
+        """Register a module's parameters and make their future gradients count as gradients."""
+        for param in module.parameters():
+            self._register_tensor(param, "parameters")
+            if param.grad is not None:
+                self._register_tensor(param.grad, "gradients")
+            if param.requires_grad:
+                self._hooks.append(param.register_post_accumulate_grad_hook(self._on_grad))
+
+    def mark_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Give the roles parameters / gradients / optimizer to an optimizer's tensors."""
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                self._register_tensor(param, "parameters")
+                if param.grad is not None:
+                    self._register_tensor(param.grad, "gradients")
+        for state in optimizer.state.values():
+            for tensor in tensors_in(state):
+                self._register_tensor(tensor, "optimizer")
+
+    def _on_grad(self, param: torch.Tensor) -> None:
+        if param.grad is not None:
+            self._register_tensor(param.grad, "gradients")
+
+    def _register_tensor(self, tensor: torch.Tensor, role: str | None, op: str = "register") -> list[Record]:
+        if tensor.device.type != self.device_type:
+            return []
+        new = []
+        for storage in real_storages(tensor):
+            record = self._keys.get(storage)
+            nbytes = self._rounded(storage.nbytes())
+            if record is None:
+                record = Record(nbytes, self.phase, op, role)
+                key = next(self._counter)
+                self._live[key] = record
+                self._keys[storage] = record
+                weakref.finalize(storage, self._on_free, key)
+                self.current_bytes += nbytes
+                new.append(record)
+            else:
+                if role is not None:
+                    record.role = role
+                if record.nbytes != nbytes:  # a storage resized in place
+                    self.current_bytes += nbytes - record.nbytes
+                    record.nbytes = nbytes
+        return new
+
+    def _is_parameter(self, tensor: Any) -> bool:
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type != self.device_type:
+            return False
+        records = [self._keys.get(st) for st in real_storages(tensor)]
+        return bool(records) and all(r is not None and r.role == "parameters" for r in records)
+
+    def _rounded(self, nbytes: int) -> int:
+        if self.round_to == 1:
+            return nbytes
+        return max(-(-nbytes // self.round_to), 1) * self.round_to
+
+    def _on_free(self, key: int) -> None:
+        record = self._live.pop(key, None)
+        if record is not None:
+            self.current_bytes -= record.nbytes
+
+    # -- phases -------------------------------------------------------------------------
+    @property
+    def phase(self) -> str:
+        """Where the step is now: "backward" inside autograd, "optimizer" inside
+        ``optimizer.step()``, else "forward" (or an override set by :meth:`set_phase`)."""
+        if torch._C._current_graph_task_id() != -1:
+            return "backward"
+        if self._in_optimizer:
+            return "optimizer"
+        return self._phase_override or "forward"
+
+    def set_phase(self, phase: str | None) -> None:
+        """Label what is created from now on (e.g. "before" while loading a model)."""
+        if phase is not None and phase not in PHASES:
+            raise ValueError(f"unknown phase {phase!r}; use one of {PHASES}")
+        self._phase_override = phase
+
+    def __enter__(self) -> "StorageTracker":
+        self._hooks.append(optim_hooks.register_optimizer_step_pre_hook(self._step_pre))
+        self._hooks.append(optim_hooks.register_optimizer_step_post_hook(self._step_post))
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            for hook in self._hooks:
+                hook.remove()
+            self._hooks.clear()
+
+    def _step_pre(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        self._in_optimizer += 1
+
+    def _step_post(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        self._in_optimizer -= 1
+        self.mark_optimizer(optimizer)
+
+    # -- the dispatch hook --------------------------------------------------------------
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if self.limit is not None:
+            self._precheck(func, args, kwargs)
+        out = func(*args, **kwargs)
+        name = str(func.overloadpacket.__name__)
+        before = self.current_bytes
+        new = self._account(func, name, out, args, kwargs)
+        if self.limit is not None and self.current_bytes > self.limit:
+            details = self._overflow(before, new)
+            del out  # let the outputs die before the error propagates
+            raise torch.OutOfMemoryError(oom_message(details, "vramlab budget: simulated"))
+        self.ops += 1
+        self._update_peak()
+        if self.timeline is not None:
+            self.timeline.append(TimelinePoint(self.ops, name, self.phase, self.current_bytes))
+        return out
+
+    def _account(self, func: Any, name: str, out: Any, args: tuple, kwargs: dict) -> list[Record]:
+        new: list[Record] = []
+        role = "other" if name == "_to_copy" and self._is_parameter(args[0]) else None  # autocast's weight copies
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                new.extend(self._register_tensor(tensor, role, name))
+        if func._schema.is_mutable:  # catches resize_ / set_ on an input
+            for tensor in tree_flatten((args, kwargs))[0]:
+                if isinstance(tensor, torch.Tensor):
+                    self._register_tensor(tensor, None, name)
+        return new
+
+    def _overflow(self, before: int, new: list[Record]) -> OomDetails:
+        running = before
+        for record in new:
+            if running + record.nbytes > self.limit:  # type: ignore[operator]
+                return OomDetails(record.nbytes, self.limit, running)  # type: ignore[arg-type]
+            running += record.nbytes
+        return OomDetails(self.current_bytes - before, self.limit, before)  # type: ignore[arg-type]
+
+    def _precheck(self, func: Any, args: tuple, kwargs: dict) -> None:
+        """Refuse an op whose outputs would exceed the budget before it allocates real memory."""
+        needed = _new_output_bytes(func, args, kwargs, self.device_type, self._rounded)
+        if needed is not None and needed > 0 and self.current_bytes + needed > self.limit:  # type: ignore[operator]
+            details = OomDetails(needed, self.limit, self.current_bytes)  # type: ignore[arg-type]
+            raise torch.OutOfMemoryError(oom_message(details, "vramlab budget: simulated"))
+
+    def _update_peak(self) -> None:
+        if self.current_bytes > self.peak_bytes:
+            self.peak_bytes = self.current_bytes
+            self.peak_records = list(self._live.values())
+
+    # -- results ------------------------------------------------------------------------
+    def breakdown(self, records: list[Record] | None = None) -> dict[str, int]:
+        """Bytes by role of ``records`` (default: the storages alive now)."""
+        records = list(self._live.values()) if records is None else records
+        result = dict.fromkeys(ROLES, 0)
+        for record in records:
+            result[record.resolved_role] += record.nbytes
+        return result
+
+    def peak_breakdown(self) -> dict[str, int]:
+        """Bytes by role of the storages that were alive at the peak."""
+        return self.breakdown(self.peak_records)
+
+
+def _new_output_bytes(
+    func: Any, args: tuple, kwargs: dict, device_type: str, rounded: Callable[[int], int]
+) -> int | None:
+    """Bytes of the new storages ``func`` would return, computed on meta tensors (no memory).
+
+    Returns None when the op cannot run on meta tensors; the tracker then checks afterwards.
+    """
+    tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+    if any(type(t) is not torch.Tensor or t.device.type != device_type for t in tensors):
+        return None
+    device = kwargs.get("device")
+    if device is not None and torch.device(device).type != device_type:
+        return None
+    try:
+        meta_args, meta_kwargs = tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs))
+        if "device" in meta_kwargs or not tensors:  # a factory op: build it on meta too
+            meta_kwargs["device"] = "meta"
+        meta_out = func(*meta_args, **meta_kwargs)
+    except Exception:  # no meta kernel, or an op with data-dependent output shapes
+        return None
+    inputs = {id(t.untyped_storage()) for t in tree_flatten((meta_args, meta_kwargs))[0] if isinstance(t, torch.Tensor)}
+    total, seen = 0, set()
+    for tensor in tree_flatten(meta_out)[0]:
+        if isinstance(tensor, torch.Tensor):
+            storage = tensor.untyped_storage()
+            if id(storage) not in inputs and id(storage) not in seen:
+                seen.add(id(storage))
+                total += rounded(storage.nbytes())
+    return total
