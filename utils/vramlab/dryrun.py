@@ -151,13 +151,38 @@ def dryrun(
     attention: str = "sdpa",
     timeline: bool = False,
 ) -> DryRunResult:
-    """Measure one step of ``model`` by dry run.
+    """Measure one step of ``model`` by dry run (fake tensors: no memory, exact sizes).
 
     Training (default): forward with labels (the loss in fp32, as transformers computes
     it), backward, and one optimizer step. ``inference=True``: a prefill of ``seq`` tokens
     per sequence under ``torch.inference_mode`` that builds the KV cache and computes the
     logits of the last position (what ``generate`` does).
     """
+    return _run(model, batch, seq, recipe, optimizer, checkpointing, inference, attention, timeline, fake=True)
+
+
+def realrun(
+    model: str | ArchConfig,
+    batch: int = 1,
+    seq: int = 128,
+    recipe: str = "fp32",
+    optimizer: str = "adamw",
+    checkpointing: bool = False,
+    inference: bool = False,
+    attention: str = "sdpa",
+    timeline: bool = False,
+    seed: int = 0,
+) -> DryRunResult:
+    """The same step as :func:`dryrun` on real tensors on the CPU, measured by the tracker.
+
+    For small models only (it allocates for real): the cross-check of the dry run.
+    """
+    torch.manual_seed(seed)
+    return _run(model, batch, seq, recipe, optimizer, checkpointing, inference, attention, timeline, fake=False)
+
+
+def _run(model: str | ArchConfig, batch: int, seq: int, recipe: str, optimizer: str, checkpointing: bool,
+         inference: bool, attention: str, timeline: bool, fake: bool) -> DryRunResult:
     arch = get_arch(model)
     check_positive(batch=batch, seq=seq)
     rec = get_recipe(recipe)
@@ -166,13 +191,13 @@ def dryrun(
         raise ValueError(f"{arch.name} has learned positions for at most {arch.max_position} tokens; got seq={seq}")
     setup = dict(batch=batch, seq=seq, recipe=rec.name, optimizer=optimizer,
                  checkpointing=checkpointing, inference=inference, attention=attention)
-    if not inference and optimizer in ("adafactor", "adamw-8bit"):
+    if fake and not inference and optimizer in ("adafactor", "adamw-8bit"):
         raise ValueError(
             f"{optimizer} has no dry-run path (its step reads values with .item() or runs kernels "
-            "that fake tensors cannot run). Use `vramlab estimate`, or measure it for real on a "
-            "small model with vramlab.measure."
+            "that fake tensors cannot run). Use `vramlab estimate`, or measure a small model for "
+            "real with vramlab.dryrun.realrun."
         )
-    with FakeTensorMode(allow_non_fake_inputs=False):
+    with FakeTensorMode(allow_non_fake_inputs=False) if fake else contextlib.nullcontext():
         net = build_hf_model(arch, rec.param_dtype, attention)
         params = sum(p.numel() for p in net.parameters())
         ids = torch.randint(0, arch.vocab_size, (batch, seq))
@@ -204,8 +229,11 @@ def cache_tensors(cache: Any) -> Iterator[torch.Tensor]:
 
 def _train_step(net: torch.nn.Module, ids: torch.Tensor, rec: Recipe, optimizer: str, checkpointing: bool, timeline: bool) -> Measurement:
     net.train()
-    if checkpointing:
-        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if checkpointing:  # one checkpoint per decoder block, non-reentrant
+        if hasattr(net, "activation_checkpointing_enable"):  # transformers >= 5
+            net.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opt = make_optimizer(optimizer, [p for p in net.parameters() if p.requires_grad])
     with measure(net, opt, ids, timeline=timeline) as m:
         with _autocast(rec):

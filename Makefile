@@ -1,0 +1,42 @@
+# VRAM Lab: two commands.
+#   make lab   - create .venv if needed, install the course, start JupyterLab on chapter 00
+#   make test  - create .venv if needed, install, run unit tests + notebook hygiene + nbval
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONSTRAINTS := requirements/ci-constraints.txt
+STAMP := $(VENV)/.installed
+PORT ?= 8888
+
+.PHONY: lab test install labs strip clean bench
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python pyproject.toml $(CONSTRAINTS)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[test,lab]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lab: $(STAMP)
+	@echo "Starting JupyterLab on chapters/00_start_here.ipynb; open the URL it prints (Ctrl-C to stop)."
+	$(BIN)/jupyter lab --no-browser --ip=127.0.0.1 --port=$(PORT) chapters/00_start_here.ipynb
+
+test: $(STAMP)
+	$(BIN)/python -m vramlab.labs --check
+	$(BIN)/python -m pytest tests -q --durations=0 --nbval-lax --nbval-cell-timeout=120 \
+		--current-env -p no:cacheprovider chapters labs solutions
+
+labs: $(STAMP)
+	$(BIN)/python -m vramlab.labs
+
+strip: $(STAMP)
+	$(BIN)/python -m vramlab.notebooks strip chapters labs solutions
+
+bench: $(STAMP)
+	$(BIN)/python bench/estimate_accuracy.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

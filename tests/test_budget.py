@@ -1,0 +1,88 @@
+import gc
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from vramlab import budget, largest_batch, measure
+from vramlab.units import MiB
+
+
+def test_budget_raises_a_real_oom_with_cudas_fields():
+    x = torch.zeros(1000)
+    with pytest.raises(torch.OutOfMemoryError) as info:
+        with budget("1 MiB", x):
+            y = torch.empty(2 * 2**20 // 4)  # 2 MiB
+    text = str(info.value)
+    assert "Tried to allocate 2.00 MiB" in text
+    assert "total capacity of 1.00 MiB" in text
+    assert re.search(r"of which [\d.]+ KiB is free", text)
+    assert "3.91 KiB is allocated" in text
+
+
+def test_refused_before_it_allocates():
+    # 400 GB would kill this machine if it were really allocated; the budget refuses it first.
+    with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate 372.53 GiB"):
+        with budget("1 GiB"):
+            torch.empty(10**11)
+
+
+def test_memory_returns_to_baseline_after_oom():
+    model = nn.Linear(256, 256)
+    with measure(model) as outer:
+        for _ in range(3):
+            try:
+                with budget("1 MiB", model):
+                    h = model(torch.randn(512, 256))  # 512 KiB of input + 512 KiB output: too much
+            except torch.OutOfMemoryError:
+                pass
+        gc.collect()
+    assert outer.end_bytes == outer.baseline_bytes
+
+
+def test_block_under_budget_runs_and_reports_peak():
+    with budget("1 MiB") as m:
+        a = torch.zeros(1000)
+    assert m.peak_bytes == 4000
+    del a
+
+
+def test_already_over_budget():
+    big = torch.zeros(2**20)
+    with pytest.raises(torch.OutOfMemoryError, match="before the block starts"):
+        with budget("1 MiB", big):
+            pass
+
+
+@pytest.mark.parametrize("bad", ["16G", "0", "-1 GiB", "sixteen"])
+def test_bad_budget_strings(bad):
+    with pytest.raises(ValueError):
+        budget(bad)
+
+
+def test_largest_batch_finds_the_boundary():
+    row = 1000 * 4  # bytes per sample of a (batch, 1000) fp32 tensor
+
+    def step(batch):
+        with budget(f"{100 * row} B"):
+            torch.zeros(batch, 1000)
+
+    result = largest_batch(step)
+    assert result.largest == 100
+    assert result.tried[100] and not result.tried[101]
+
+
+def test_largest_batch_zero_when_nothing_fits():
+    def step(batch):
+        with budget("1 KiB"):
+            torch.zeros(batch, 1000)
+
+    assert largest_batch(step).largest == 0
+
+
+def test_largest_batch_validates_input():
+    with pytest.raises(ValueError):
+        largest_batch(lambda b: None, start=0)
+    with pytest.raises(ValueError):
+        largest_batch(lambda b: None, start=8, limit=4)

@@ -1,0 +1,134 @@
+"""Formulas against published numbers, real modules, and the dry run."""
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from vramlab import REGISTRY, estimate, get_arch, kv_cache_bytes, param_count
+from vramlab.dryrun import build_hf_model, dryrun, realrun
+from vramlab.estimate import (activation_bytes, korthikanti_bytes_per_layer, kv_cache_bytes_classic,
+                              optimizer_state_bytes, weight_bytes)
+
+PUBLISHED = {  # parameter counts reported for the released checkpoints
+    "gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200,
+    "llama-2-7b": 6_738_415_616, "llama-2-13b": 13_015_864_320, "llama-2-70b": 68_976_648_192,
+    "llama-3-8b": 8_030_261_248, "mistral-7b": 7_241_732_096,
+    "qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_param_count_matches_published(name):
+    assert param_count(name) == PUBLISHED[name]
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_param_count_matches_the_real_module(name):
+    with FakeTensorMode():
+        model = build_hf_model(get_arch(name))
+        numel = sum(p.numel() for p in model.parameters())
+    assert param_count(name) == numel
+
+
+def test_weight_bytes_per_dtype():
+    assert weight_bytes(7_000_000_000, "fp32") == 28_000_000_000
+    assert weight_bytes(7_000_000_000, "bf16") == 14_000_000_000
+    assert weight_bytes(7_000_000_000, "int4") == 3_500_000_000
+    with pytest.raises(ValueError, match="unknown dtype"):
+        weight_bytes(10, "fp12")
+
+
+def test_adam_16_bytes_per_parameter_rule():
+    arch = get_arch("llama-2-7b")
+    P = param_count(arch)
+    est = estimate(arch, batch=1, seq=16, recipe="fp32", optimizer="adamw")
+    # fp32 weights + fp32 grads + two fp32 moments = 16 B/param; foreach AdamW adds a 4 B/param temporary
+    assert est.peak_moment == "optimizer step"
+    assert est.bytes["parameters"] + est.bytes["gradients"] + est.bytes["optimizer"] == 16 * P
+    assert est.bytes["other"] == 4 * P
+    assert optimizer_state_bytes(arch, "sgd") == 0
+    assert optimizer_state_bytes(arch, "sgd-momentum") == 4 * P
+    assert optimizer_state_bytes(arch, "adamw", "bf16") == 4 * P
+    assert optimizer_state_bytes(arch, "adamw-8bit") < 2.1 * P
+
+
+def test_kv_cache_classic_formula():
+    # Llama-2-7B at 4k context in bf16: 2 * 32 * 32 * 128 * 4096 * 2 B = 2 GiB
+    assert kv_cache_bytes_classic(32, 32, 128, 4096, 1, 2) == 2 * 2**30
+    assert kv_cache_bytes("llama-2-7b", 1, 4096, "bf16") == 2 * 2**30
+    # GQA: Llama-3-8B has 8 KV heads, a quarter of Llama-2-7B's 32
+    assert kv_cache_bytes("llama-3-8b", 1, 4096, "bf16") == 2**30 // 2
+
+
+def test_activations_grow_linearly_in_batch_and_quadratically_with_eager_attention():
+    a1 = activation_bytes("gpt2", 1, 512)
+    a2 = activation_bytes("gpt2", 2, 512)
+    assert a2 == pytest.approx(2 * a1, rel=1e-6)
+    e1 = activation_bytes("gpt2", 1, 512, attention="eager") - a1
+    e2 = activation_bytes("gpt2", 1, 1024, attention="eager") - activation_bytes("gpt2", 1, 1024)
+    assert e2 > 3.5 * e1  # the s^2 term dominates the extra memory of eager attention
+
+
+def test_checkpointing_reduces_activations():
+    full = activation_bytes("llama-2-7b", 1, 2048, "amp-bf16")
+    ckpt = activation_bytes("llama-2-7b", 1, 2048, "amp-bf16", checkpointing=True)
+    assert ckpt < full / 5
+
+
+def test_korthikanti_formula():
+    assert korthikanti_bytes_per_layer(2048, 1, 4096, 32) == int(2048 * 4096 * (34 + 5 * 32 * 2048 / 4096))
+    assert korthikanti_bytes_per_layer(2048, 1, 4096, 32, recompute_attention=True) == 2048 * 4096 * 34
+
+
+@pytest.mark.parametrize("bad", [dict(batch=0), dict(batch=-1), dict(seq=0), dict(batch=1.5)])
+def test_bad_sizes(bad):
+    with pytest.raises(ValueError, match="positive integer"):
+        estimate("gpt2", **bad)
+
+
+def test_unknown_names():
+    with pytest.raises(KeyError, match="known models"):
+        estimate("gpt5")
+    with pytest.raises(ValueError, match="unknown recipe"):
+        estimate("gpt2", recipe="fp8")
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        estimate("gpt2", optimizer="lion")
+
+
+TINY_LLAMA = get_arch("llama-2-7b").with_(name="tiny-llama", vocab_size=512, hidden_size=64, num_layers=2,
+                                           num_heads=4, num_kv_heads=2, intermediate_size=160)
+TINY_GPT2 = get_arch("gpt2").with_(name="tiny-gpt2", vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4,
+                                   intermediate_size=256, max_position=128)
+
+
+@pytest.mark.parametrize("arch", [TINY_LLAMA, TINY_GPT2], ids=lambda a: a.name)
+@pytest.mark.parametrize("setup", [
+    dict(recipe="fp32"), dict(recipe="amp-bf16"), dict(recipe="bf16", optimizer="sgd"),
+    dict(recipe="fp32", checkpointing=True), dict(recipe="fp32", inference=True), dict(recipe="bf16", inference=True),
+], ids=str)
+def test_dry_run_equals_a_real_cpu_run(arch, setup):
+    fake = dryrun(arch, batch=2, seq=64, **setup)
+    real = realrun(arch, batch=2, seq=64, **setup)
+    assert fake.measurement.source == "dry-run" and real.measurement.source == "cpu-tracked"
+    assert fake.peak_bytes == pytest.approx(real.peak_bytes, rel=0.01)
+
+
+@pytest.mark.parametrize("arch", [TINY_LLAMA, TINY_GPT2], ids=lambda a: a.name)
+@pytest.mark.parametrize("optimizer", ["adafactor", "sgd-momentum"])
+def test_formula_matches_a_real_run_for_optimizers_without_a_dry_run(arch, optimizer):
+    real = realrun(arch, batch=1, seq=16, optimizer=optimizer)
+    est = estimate(arch, batch=1, seq=16, optimizer=optimizer)
+    assert est.peak_bytes == pytest.approx(real.peak_bytes, rel=0.05)
+
+
+def test_dry_run_refuses_optimizers_it_cannot_run():
+    with pytest.raises(ValueError, match="no dry-run path"):
+        dryrun("gpt2", optimizer="adafactor")
+
+
+def test_7b_dry_run_agrees_with_the_formula():
+    d = dryrun("llama-2-7b", batch=1, seq=4096, recipe="amp-bf16")
+    e = estimate("llama-2-7b", batch=1, seq=4096, recipe="amp-bf16")
+    assert d.params == 6_738_415_616
+    assert e.peak_bytes == pytest.approx(d.peak_bytes, rel=0.05)
+    assert d.breakdown["optimizer"] == pytest.approx(8 * d.params, rel=1e-4)

@@ -1,0 +1,153 @@
+"""The tracker against exact analytic byte counts."""
+
+import gc
+
+import pytest
+import torch
+from torch import nn
+
+import vramlab
+from vramlab import measure, storage_bytes
+from vramlab.device import NoGPUError
+
+
+def small_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+def param_bytes(model):
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def test_params_grads_and_adam_state_to_the_byte():
+    model = small_model()
+    opt = torch.optim.Adam(model.parameters())
+    x = torch.randn(32, 64)
+    with measure(model, opt, x) as m:
+        model(x).square().mean().backward()
+        opt.step()
+    P = param_bytes(model)
+    assert m.source == "cpu-tracked"
+    assert m.baseline_bytes == P + x.numel() * 4
+    end = m.end_breakdown
+    assert end["parameters"] == P
+    assert end["gradients"] == P
+    # Adam: exp_avg + exp_avg_sq per parameter, plus one fp32 step counter per tensor
+    assert end["optimizer"] == 2 * P + 4 * len(list(model.parameters()))
+    assert m.peak_bytes >= m.end_bytes >= P
+
+
+def test_activation_bytes_of_a_linear_layer():
+    layer = nn.Linear(100, 50, bias=False)
+    x = torch.randn(8, 100, requires_grad=False)
+    with measure(layer, x) as m:
+        y = layer(x)
+    assert m.peak_delta_bytes == 8 * 50 * 4  # only the output is new
+    assert m.end_bytes - m.baseline_bytes == 8 * 50 * 4
+    del y
+
+
+def test_views_and_shared_storage_count_once():
+    base = torch.zeros(1000)
+    assert storage_bytes([base, base[10:20], base.view(10, 100)]) == 4000
+    with measure() as m:
+        t = torch.zeros(256)
+        v = t[:10]  # a view allocates nothing
+        w = v.clone()  # a copy does
+    assert m.peak_bytes == 256 * 4 + 10 * 4
+    del t, v, w
+
+
+def test_freed_tensors_leave_the_count():
+    with measure() as m:
+        a = torch.ones(1000)
+        b = a * 2
+        del a
+        c = b + 1
+        del b
+    assert m.peak_bytes == 3 * 4000 - 4000  # a and b never live together with c
+    assert m.end_bytes == 4000
+    del c
+
+
+def test_tensor_subclass_is_flattened_to_its_storages():
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    a, b = torch.zeros(100), torch.zeros(100)
+    t = TwoTensor(a, b)
+    assert storage_bytes(t) == 800
+
+
+def test_sparse_storage_counts_indices_and_values():
+    dense = torch.zeros(100, 100)
+    dense[0, :10] = 1.0
+    coo = dense.to_sparse()
+    csr = dense.to_sparse_csr()
+    assert storage_bytes(coo) == 2 * 10 * 8 + 10 * 4  # int64 indices (2 x nnz) + fp32 values
+    # the view trap: col_indices is a view into the 2 x nnz COO index storage it came from
+    assert storage_bytes(csr) == 101 * 8 + 2 * 10 * 8 + 10 * 4
+    compact = torch.sparse_csr_tensor(csr.crow_indices().clone(), csr.col_indices().clone(),
+                                      csr.values().clone(), csr.shape)
+    assert storage_bytes(compact) == 101 * 8 + 10 * 8 + 10 * 4  # crow (rows+1), col, values
+
+
+def test_timeline_phases_and_peak():
+    model = small_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(16, 64)
+    with measure(model, opt, x, timeline=True) as m:
+        model(x).sum().backward()
+        opt.step()
+    phases = {p.phase for p in m.timeline}
+    assert {"forward", "backward", "optimizer"} <= phases
+    assert max(p.live_bytes for p in m.timeline) == m.peak_bytes
+    assert sum(m.breakdown.values()) == m.peak_bytes
+
+
+def test_frozen_parameters_get_no_gradient():
+    model = small_model()
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    with measure(model) as m:
+        model(torch.randn(4, 64)).sum().backward()
+    trainable = sum(p.numel() * 4 for p in model[2].parameters())
+    assert m.end_breakdown["gradients"] == trainable
+
+
+def test_live_bytes_helper():
+    model = small_model()
+    assert vramlab.live_bytes(model) == param_bytes(model)
+
+
+def test_cuda_requested_without_gpu_says_what_to_do():
+    if vramlab.has_cuda():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(NoGPUError, match="needs a CUDA GPU"):
+        measure(device="cuda")
+
+
+def test_bad_device():
+    with pytest.raises(ValueError, match="'cpu' or 'cuda'"):
+        measure(device="tpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_measurement_matches_allocator():
+    model = small_model().cuda()
+    x = torch.randn(32, 64, device="cuda")
+    with measure(model, x) as m:
+        model(x).sum().backward()
+    assert m.source == "cuda"
+    assert m.reserved_bytes >= m.end_bytes
+    assert m.peak_bytes >= sum(m.breakdown.values()) - 512 * 64
+
+
+def test_budget_and_measure_leave_no_hooks_behind():
+    gc.collect()
+    import torch.optim.optimizer as oo
+
+    before = len(oo._global_optimizer_pre_hooks)
+    with measure():
+        torch.zeros(1)
+    assert len(oo._global_optimizer_pre_hooks) == before

@@ -1,0 +1,97 @@
+"""Lab checks: pass, fail with a hint, or say "not attempted yet".
+
+A lab exercise is a function the learner completes; as handed out its body raises
+``NotImplementedError``. A check calls it: if it raises ``NotImplementedError`` the check
+prints "not attempted yet" and returns (so a fresh lab runs green); if the answer is right
+it prints "passed"; if wrong it raises :class:`CheckFailed` with a hint (so a solution
+notebook with a wrong answer fails under nbval).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .units import format_bytes
+
+PASSED, FAILED, NOT_ATTEMPTED = "passed", "failed", "not attempted yet"
+
+
+class CheckFailed(AssertionError):
+    """A lab answer is wrong; the message says how and hints at why."""
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """What a check concluded, and the message it printed."""
+
+    name: str
+    status: str
+    message: str
+
+    @property
+    def passed(self) -> bool:
+        return self.status == PASSED
+
+
+def attempt(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[bool, Any]:
+    """Call the learner's ``fn``; ``(False, None)`` if it is still the stub."""
+    try:
+        return True, fn(*args, **kwargs)
+    except NotImplementedError:
+        return False, None
+
+
+def report(name: str, status: str, message: str = "") -> CheckResult:
+    """Print a check's verdict; raise :class:`CheckFailed` when it failed."""
+    result = CheckResult(name, status, message)
+    mark = {PASSED: "✅", FAILED: "❌", NOT_ATTEMPTED: "⏳"}[status]
+    text = f"{mark} {name}: {status}" + (f" — {message}" if message else "")
+    if status == FAILED:
+        raise CheckFailed(text)
+    print(text)
+    return result
+
+
+def relative_error(got: float, want: float) -> float:
+    """|got - want| / |want| (0 when both are 0, inf when only ``want`` is 0)."""
+    if want == 0:
+        return 0.0 if got == 0 else math.inf
+    return abs(got - want) / abs(want)
+
+
+def check_bytes(name: str, fn: Callable[..., Any], cases: list[tuple[tuple, dict, int]], rel_tol: float, hint: str) -> CheckResult:
+    """Check that ``fn(*args, **kwargs)`` returns a byte count within ``rel_tol`` of the
+    measured value for every case ``(args, kwargs, measured_bytes)``.
+
+    The learner never sees the cases in advance, so an answer tuned to one set-up fails.
+    """
+    if not cases:
+        raise ValueError("a check needs at least one case")
+    for args, kwargs, measured in cases:
+        attempted, got = attempt(fn, *args, **kwargs)
+        if not attempted:
+            return report(name, NOT_ATTEMPTED, "replace the `raise NotImplementedError` with your answer")
+        if isinstance(got, bool) or not isinstance(got, (int, float)) or not math.isfinite(got):
+            return report(name, FAILED, f"expected a number of bytes, got {got!r}. Hint: {hint}")
+        err = relative_error(float(got), float(measured))
+        if err > rel_tol:
+            setup = ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())])
+            return report(
+                name, FAILED,
+                f"for ({setup}) you predicted {format_bytes(got)} ({int(got):,} B) but vramlab measured "
+                f"{format_bytes(measured)} ({int(measured):,} B): off by {err:.1%}, more than the "
+                f"{rel_tol:.0%} allowed. Hint: {hint}",
+            )
+    return report(name, PASSED, f"within {rel_tol:.0%} of the measurement on {len(cases)} set-ups")
+
+
+def check_true(name: str, fn: Callable[..., Any], judge: Callable[[Any], tuple[bool, str]], *args: Any, **kwargs: Any) -> CheckResult:
+    """Generic check: ``judge(answer)`` returns ``(ok, explanation)``."""
+    attempted, got = attempt(fn, *args, **kwargs)
+    if not attempted:
+        return report(name, NOT_ATTEMPTED, "replace the `raise NotImplementedError` with your answer")
+    ok, why = judge(got)
+    return report(name, PASSED if ok else FAILED, why)

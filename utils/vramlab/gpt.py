@@ -1,0 +1,131 @@
+"""A small GPT in plain PyTorch, for measurements that run in seconds on a CPU.
+
+Every tensor it creates is visible to the storage tracker, and its shapes follow the usual
+decoder-only layout (token + position embeddings, pre-norm blocks of attention and a GELU
+MLP, a tied LM head), so what the course measures on it carries over to real LLMs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .recipes import check_positive
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Shape of :class:`TinyGPT`. ``attention``: "sdpa" (fused) or "eager" (scores kept)."""
+
+    vocab_size: int = 256
+    seq_len: int = 128
+    hidden: int = 128
+    layers: int = 2
+    heads: int = 4
+    mlp_ratio: int = 4
+    attention: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        check_positive(vocab_size=self.vocab_size, seq_len=self.seq_len, hidden=self.hidden,
+                       layers=self.layers, heads=self.heads, mlp_ratio=self.mlp_ratio)
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        if self.attention not in ("sdpa", "eager"):
+            raise ValueError(f"attention must be 'sdpa' or 'eager', got {self.attention!r}")
+
+    @property
+    def params(self) -> int:
+        """Parameter count by formula (tied head, biases in linears and LayerNorms)."""
+        h, i = self.hidden, self.mlp_ratio * self.hidden
+        block = (4 * h * h + 4 * h) + (2 * h * i + i + h) + 2 * 2 * h
+        return self.vocab_size * h + self.seq_len * h + self.layers * block + 2 * h
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then + mlp(ln(x))."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.hidden), nn.LayerNorm(cfg.hidden)
+        self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)
+        self.proj = nn.Linear(cfg.hidden, cfg.hidden)
+        self.fc = nn.Linear(cfg.hidden, cfg.mlp_ratio * cfg.hidden)
+        self.out = nn.Linear(cfg.mlp_ratio * cfg.hidden, cfg.hidden)
+
+    def attend(self, x: torch.Tensor, cache: list[torch.Tensor] | None = None) -> torch.Tensor:
+        b, s, h = x.shape
+        heads = self.cfg.heads
+        q, k, v = self.qkv(x).view(b, s, 3, heads, h // heads).permute(2, 0, 3, 1, 4)
+        if cache is not None:  # append to this block's keys and values
+            if cache:
+                k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+            cache[:] = [k, v]
+        causal = cache is None or q.shape[2] > 1
+        if self.cfg.attention == "sdpa":
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        else:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+            if causal:
+                t = k.shape[2]
+                mask = torch.ones(s, t, dtype=torch.bool, device=x.device).tril(t - s)
+                scores = scores.masked_fill(~mask, float("-inf"))
+            y = scores.softmax(dim=-1) @ v
+        return self.proj(y.transpose(1, 2).reshape(b, s, h))
+
+    def forward(self, x: torch.Tensor, cache: list[torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.attend(self.ln1(x), cache)
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class TinyGPT(nn.Module):
+    """A decoder-only language model. ``forward(ids)`` returns logits (batch, seq, vocab)."""
+
+    def __init__(self, cfg: GPTConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg or GPTConfig()
+        self.tok = nn.Embedding(self.cfg.vocab_size, self.cfg.hidden)
+        self.pos = nn.Embedding(self.cfg.seq_len, self.cfg.hidden)
+        self.blocks = nn.ModuleList(Block(self.cfg) for _ in range(self.cfg.layers))
+        self.ln = nn.LayerNorm(self.cfg.hidden)
+
+    def forward(self, ids: torch.Tensor, caches: list[list[torch.Tensor]] | None = None, start: int = 0) -> torch.Tensor:
+        if ids.dim() != 2:
+            raise ValueError(f"ids must be (batch, seq) token ids, got shape {tuple(ids.shape)}")
+        if start + ids.shape[1] > self.cfg.seq_len:
+            raise ValueError(f"{start + ids.shape[1]} positions exceed seq_len={self.cfg.seq_len}")
+        positions = torch.arange(start, start + ids.shape[1], device=ids.device)
+        x = self.tok(ids) + self.pos(positions)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if caches is None else caches[i])
+        return self.ln(x) @ self.tok.weight.t()  # tied LM head
+
+    def loss(self, ids: torch.Tensor) -> torch.Tensor:
+        """Next-token cross-entropy of a batch of sequences."""
+        logits = self(ids[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+    @torch.inference_mode()
+    def generate(self, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        """Greedy generation with a KV cache: one prefill, then one token per step."""
+        check_positive(new_tokens=new_tokens)
+        caches: list[list[torch.Tensor]] = [[] for _ in self.blocks]
+        logits = self(ids, caches)
+        out = [ids]
+        for step in range(new_tokens):
+            nxt = logits[:, -1:].argmax(-1)
+            out.append(nxt)
+            if step + 1 < new_tokens:
+                logits = self(nxt, caches, start=ids.shape[1] + step)
+        return torch.cat(out, dim=1)
+
+
+def random_batch(cfg: GPTConfig, batch: int, seed: int = 0) -> torch.Tensor:
+    """Token ids (batch, seq_len) from a seeded generator: reproducible synthetic data."""
+    check_positive(batch=batch)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), generator=gen)
