@@ -150,6 +150,7 @@ def dryrun(
     inference: bool = False,
     attention: str = "sdpa",
     timeline: bool = False,
+    _fake: bool = True,
 ) -> DryRunResult:
     """Measure one step of ``model`` by dry run (fake tensors: no memory, exact sizes).
 
@@ -158,27 +159,15 @@ def dryrun(
     per sequence under ``torch.inference_mode`` that builds the KV cache and computes the
     logits of the last position (what ``generate`` does).
     """
-    return _run(model, batch, seq, recipe, optimizer, checkpointing, inference, attention, timeline, fake=True)
+    return _run(model, batch, seq, recipe, optimizer, checkpointing, inference, attention, timeline, _fake)
 
 
-def realrun(
-    model: str | ArchConfig,
-    batch: int = 1,
-    seq: int = 128,
-    recipe: str = "fp32",
-    optimizer: str = "adamw",
-    checkpointing: bool = False,
-    inference: bool = False,
-    attention: str = "sdpa",
-    timeline: bool = False,
-    seed: int = 0,
-) -> DryRunResult:
-    """The same step as :func:`dryrun` on real tensors on the CPU, measured by the tracker.
-
-    For small models only (it allocates for real): the cross-check of the dry run.
-    """
+def realrun(model: str | ArchConfig, seed: int = 0, **setup: Any) -> DryRunResult:
+    """The same step as :func:`dryrun` (same keyword arguments) on real tensors on the CPU,
+    measured by the tracker. For small models only (it allocates for real): the
+    cross-check of the dry run."""
     torch.manual_seed(seed)
-    return _run(model, batch, seq, recipe, optimizer, checkpointing, inference, attention, timeline, fake=False)
+    return dryrun(model, **setup, _fake=False)
 
 
 def _run(model: str | ArchConfig, batch: int, seq: int, recipe: str, optimizer: str, checkpointing: bool,

@@ -374,11 +374,38 @@ def _training_moments(arch: ArchConfig, batch: int, seq: int, rec: Recipe, optim
         "optimizer step": _moment(weights, grads, optimizer_state_bytes(arch, optimizer, rec.name),
                                   other=optimizer_temp_bytes(arch, optimizer, rec.name)),
     }
-    if checkpointing:
-        layer_copy = 2 * (matmul_param_count(arch) - head_params) // arch.num_layers if amp else 0
-        moments["recompute of the last block"] = _moment(
-            weights, p * head_params, activations=acts - 4 * v * tokens + layer, other=layer_copy)
+    moments.update(_block_backward_moments(arch, batch, seq, rec, checkpointing, attention, acts, layer, weights, grads))
     return moments
+
+
+def _block_backward_moments(arch: ArchConfig, batch: int, seq: int, rec: Recipe, checkpointing: bool,
+                            attention: str, acts: int, layer: float, weights: int, grads: int) -> dict[str, dict[str, int]]:
+    """Backward through one block: what the block saved (recomputed first under checkpointing)
+    plus the largest working set of its backward, at the last block (processed first, with
+    most activations still saved) and at the first block (processed last, with nearly all
+    gradients present)."""
+    tokens, v, h, i = batch * seq, arch.vocab_size, arch.hidden_size, arch.intermediate_size
+    p, c, amp = _param_bytes(rec), _compute_bytes(rec), rec.compute_dtype is not None
+    groups = param_groups(arch)
+    block_params = (groups["attention"] + groups["mlp"]) // arch.num_layers
+    head_grad = p * v * h if not arch.tie_embeddings else 0
+    embedding_grad = p * groups["embedding"] if not arch.tie_embeddings else 0
+    residual_grad = (2 if rec.name == "bf16" else 4) * h
+    working = residual_grad + max(
+        2 * c * i,                                                    # MLP: gradients of two of its activations
+        6 * 4 * h if (arch.family != "gpt2" and rec.name == "bf16") else 0,  # RMSNorm backward upcast to fp32
+        2 * 4 * arch.num_heads * seq if attention == "eager" else 0,  # softmax backward: two seq x seq gradients
+    ) * 1
+    weight_copies = 2 * block_params if amp else 0  # this block's 16-bit weight copies (recomputed under checkpointing)
+    weight_grad_cast = 2 * h * i if amp else 0      # a 16-bit weight gradient before its fp32 cast
+    head_saved = sum(t.bytes_per_token for t in head_terms(arch, rec.name)) * tokens
+    recomputed = layer if checkpointing else 0
+    last = _moment(weights, head_grad, activations=acts - head_saved + recomputed,
+                   other=weight_copies * (arch.num_layers if amp and not checkpointing else 1) + weight_grad_cast + working * tokens)
+    saved_first = (checkpoint_input_bytes(arch, rec.name) * tokens if checkpointing else 0) + layer
+    first = _moment(weights, grads - embedding_grad - p * block_params, activations=saved_first,
+                    other=weight_copies + weight_grad_cast + working * tokens)
+    return {"backward through the last block": last, "backward through the first block": first}
 
 
 def _embedding_backward(arch: ArchConfig, rec: Recipe, tokens: int) -> int:

@@ -57,6 +57,18 @@ class Measurement:
     untracked_bytes: int = 0
     timeline: list[TimelinePoint] | None = None
     ops: int = 0
+    _live: Any = field(default=None, repr=False, compare=False)
+
+    def current_bytes(self) -> int:
+        """Live bytes right now, also after the block has ended.
+
+        On a CPU: the storages the tracker knows (tracked or created in the block) that are
+        still alive; it keeps counting their frees after the block, so this shows what an
+        exception or a forgotten reference still holds. On CUDA: ``memory_allocated()``.
+        """
+        if self._live is None:
+            raise RuntimeError("current_bytes() works once the measure block has started")
+        return int(self._live())
 
     @property
     def peak_delta_bytes(self) -> int:
@@ -150,10 +162,12 @@ class measure:
                 "free tensors first or use a larger budget."
             )
         self.result.baseline_bytes = tracker.current_bytes
+        self.result._live = lambda: tracker.current_bytes
         if self.device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.result.baseline_bytes = int(torch.cuda.memory_allocated())
+            self.result._live = torch.cuda.memory_allocated
         tracker.__enter__()
         return self.result
 

@@ -1,0 +1,103 @@
+"""How close is the closed-form estimate to the dry run? And what does a 7B dry run cost?
+
+    python bench/estimate_accuracy.py            # prints a Markdown table (the README has a copy)
+
+For each configuration it prints the formula's peak, the dry run's peak and the relative
+error, then the worst training and inference errors, checked against the targets (training
+within 5 %, inference within 2 %). It ends with the time and peak RSS of a Llama-2-7B dry
+run in a fresh process (target: under 30 s and 1 GiB). Exits 1 if a target is missed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+from vramlab import dryrun, estimate, get_arch
+from vramlab.units import format_bytes
+
+LLAMA7 = get_arch("llama-2-7b")
+GRID: list[tuple[object, dict]] = [
+    ("llama-2-7b", dict(batch=1, seq=4096, recipe="amp-bf16", optimizer="adamw")),
+    ("llama-2-7b", dict(batch=1, seq=2048, recipe="bf16", optimizer="adamw")),
+    (LLAMA7.with_(name="llama-2-7b/4 layers", num_layers=4), dict(batch=4, seq=2048, recipe="bf16", optimizer="sgd")),
+    (LLAMA7.with_(name="llama-2-7b/4 layers", num_layers=4), dict(batch=8, seq=2048, recipe="amp-bf16", optimizer="sgd", checkpointing=True)),
+    (LLAMA7.with_(name="llama-2-7b/2 layers", num_layers=2), dict(batch=2, seq=1024, recipe="fp32", optimizer="sgd", attention="eager")),
+    ("llama-3-8b", dict(batch=1, seq=8192, recipe="amp-bf16", optimizer="adamw", checkpointing=True)),
+    (get_arch("llama-3-8b").with_(name="llama-3-8b/2 layers", num_layers=2), dict(batch=2, seq=4096, recipe="amp-fp16", optimizer="sgd-momentum")),
+    ("mistral-7b", dict(batch=2, seq=4096, recipe="bf16", optimizer="sgd", checkpointing=True)),
+    ("qwen2.5-0.5b", dict(batch=4, seq=2048, recipe="amp-bf16", optimizer="adamw")),
+    ("qwen2.5-0.5b", dict(batch=1, seq=256, recipe="amp-bf16", optimizer="sgd")),
+    ("qwen2.5-1.5b", dict(batch=2, seq=2048, recipe="bf16", optimizer="adam", checkpointing=True)),
+    ("gpt2", dict(batch=8, seq=1024, recipe="fp32", optimizer="adamw")),
+    ("gpt2", dict(batch=16, seq=1024, recipe="amp-bf16", optimizer="adamw", checkpointing=True)),
+    ("gpt2-medium", dict(batch=4, seq=1024, recipe="amp-fp16", optimizer="sgd-momentum", attention="eager")),
+    ("gpt2-large", dict(batch=2, seq=512, recipe="fp32", optimizer="sgd")),
+    ("gpt2-xl", dict(batch=1, seq=1024, recipe="bf16", optimizer="adamw")),
+    ("llama-2-7b", dict(batch=1, seq=4096, recipe="bf16", inference=True)),
+    ("llama-2-7b", dict(batch=8, seq=4096, recipe="fp32", inference=True)),
+    ("llama-2-13b", dict(batch=4, seq=4096, recipe="amp-bf16", inference=True)),
+    ("llama-3-8b", dict(batch=16, seq=8192, recipe="bf16", inference=True)),
+    ("mistral-7b", dict(batch=32, seq=4096, recipe="bf16", inference=True)),
+    ("qwen2.5-0.5b", dict(batch=8, seq=4096, recipe="bf16", inference=True)),
+    ("gpt2", dict(batch=32, seq=1024, recipe="amp-bf16", inference=True)),
+    ("gpt2-xl", dict(batch=8, seq=1024, recipe="fp32", inference=True)),
+]
+TARGETS = {"training": 0.05, "inference": 0.02}
+
+
+def describe(setup: dict) -> str:
+    parts = [f"b={setup['batch']}", f"s={setup['seq']}", setup["recipe"]]
+    if not setup.get("inference"):
+        parts.append(setup["optimizer"])
+    if setup.get("checkpointing"):
+        parts.append("ckpt")
+    if setup.get("attention") == "eager":
+        parts.append("eager")
+    return " ".join(parts)
+
+
+def cost_of_7b_dry_run() -> tuple[float, float]:
+    """Seconds and peak RSS (MiB) of a Llama-2-7B training-step dry run in a fresh process."""
+    code = (
+        "import json, resource, time; t = time.time(); import vramlab; "
+        "vramlab.dryrun('llama-2-7b', batch=1, seq=4096, recipe='amp-bf16'); "
+        "print(json.dumps([time.time() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    seconds, rss_mib = json.loads(out.strip().splitlines()[-1])
+    return seconds, rss_mib
+
+
+def main() -> int:
+    print("| model | set-up | kind | formula | dry run | error |")
+    print("|---|---|---|---:|---:|---:|")
+    worst = {"training": 0.0, "inference": 0.0}
+    for model, setup in GRID:
+        kind = "inference" if setup.get("inference") else "training"
+        est, dry = estimate(model, **setup), dryrun(model, **setup)
+        err = abs(est.peak_bytes - dry.peak_bytes) / dry.peak_bytes
+        worst[kind] = max(worst[kind], err)
+        name = model if isinstance(model, str) else model.name
+        print(f"| {name} | {describe(setup)} | {kind} | {format_bytes(est.peak_bytes)} | {format_bytes(dry.peak_bytes)} | {err:.2%} |")
+    print()
+    ok = True
+    for kind, target in TARGETS.items():
+        met = worst[kind] <= target
+        ok &= met
+        print(f"worst {kind} error: {worst[kind]:.2%} (target {target:.0%}: {'met' if met else 'MISSED'})")
+    seconds, rss = cost_of_7b_dry_run()
+    met = seconds < 30 and rss < 1024
+    ok &= met
+    print(f"Llama-2-7B training-step dry run: {seconds:.1f} s, peak RSS {rss:.0f} MiB, imports included "
+          f"(target under 30 s and 1 GiB: {'met' if met else 'MISSED'})")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    start = time.time()
+    code = main()
+    print(f"(bench ran in {time.time() - start:.0f} s)")
+    raise SystemExit(code)
