@@ -26,7 +26,7 @@ lab: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m vramlab.labs --check
-	$(BIN)/python -m pytest tests -q --durations=0 --nbval-lax --nbval-cell-timeout=120 \
+	$(BIN)/python -m pytest tests -q --nbval-lax --nbval-cell-timeout=120 \
 		--current-env -p no:cacheprovider chapters labs solutions
 
 labs: $(STAMP)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import pytest
+
 NOTEBOOK_BUDGET_S = 60.0
 _durations: dict[str, float] = defaultdict(float)
 
@@ -19,6 +21,7 @@ def pytest_runtest_logreport(report):  # type: ignore[no-untyped-def]
         _durations[path] += report.duration
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter):  # type: ignore[no-untyped-def]
     if not _durations:
         return

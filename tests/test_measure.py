@@ -79,6 +79,7 @@ def test_tensor_subclass_is_flattened_to_its_storages():
     assert storage_bytes(t) == 800
 
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 def test_sparse_storage_counts_indices_and_values():
     dense = torch.zeros(100, 100)
     dense[0, :10] = 1.0
