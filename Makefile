@@ -6,6 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONSTRAINTS := requirements/ci-constraints.txt
 STAMP := $(VENV)/.installed
+NOTEBOOKS = $(wildcard chapters/*.ipynb labs/*.ipynb solutions/*.ipynb)
 PORT ?= 8888
 
 .PHONY: lab test install labs strip clean bench
@@ -27,7 +28,7 @@ lab: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m vramlab.labs --check
 	$(BIN)/python -m pytest tests -q --nbval-lax --nbval-cell-timeout=120 \
-		--current-env -p no:cacheprovider chapters labs solutions
+		--current-env -p no:cacheprovider $(NOTEBOOKS)
 
 labs: $(STAMP)
 	$(BIN)/python -m vramlab.labs

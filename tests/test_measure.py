@@ -89,7 +89,7 @@ def test_sparse_storage_counts_indices_and_values():
     # the view trap: col_indices is a view into the 2 x nnz COO index storage it came from
     assert storage_bytes(csr) == 101 * 8 + 2 * 10 * 8 + 10 * 4
     compact = torch.sparse_csr_tensor(csr.crow_indices().clone(), csr.col_indices().clone(),
-                                      csr.values().clone(), csr.shape)
+                                      csr.values().clone(), csr.shape, check_invariants=True)
     assert storage_bytes(compact) == 101 * 8 + 10 * 8 + 10 * 4  # crow (rows+1), col, values
 
 
