@@ -64,6 +64,8 @@ class Block(nn.Module):
         if cache is not None:  # append to this block's keys and values
             if cache:
                 k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+            else:  # own storage, so the cache does not pin the whole fused q/k/v output
+                k, v = k.contiguous(), v.contiguous()
             cache[:] = [k, v]
         causal = cache is None or q.shape[2] > 1
         if self.cfg.attention == "sdpa":
@@ -109,11 +111,15 @@ class TinyGPT(nn.Module):
         logits = self(ids[:, :-1])
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
+    def new_cache(self) -> list[list[torch.Tensor]]:
+        """An empty KV cache: one [keys, values] list per block, filled by ``forward``."""
+        return [[] for _ in self.blocks]
+
     @torch.inference_mode()
     def generate(self, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
         """Greedy generation with a KV cache: one prefill, then one token per step."""
         check_positive(new_tokens=new_tokens)
-        caches: list[list[torch.Tensor]] = [[] for _ in self.blocks]
+        caches = self.new_cache()
         logits = self(ids, caches)
         out = [ids]
         for step in range(new_tokens):

@@ -8,16 +8,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .hardware import GPUS
 from .measure import Measurement
 from .tracker import ROLES
 from .units import GiB, MiB
 
-GPUS: dict[str, int] = {  # usable memory as sold: decimal GB for T4 (16 GB), GiB-class for the rest
-    "T4 (16 GB)": 16 * 10**9,
-    "A100 40GB": 40 * GiB,
-    "A100 80GB": 80 * GiB,
-    "H100 80GB": 80 * GiB,
-}
 PHASE_COLORS = {"before": "#999999", "forward": "#1f77b4", "backward": "#d62728", "optimizer": "#2ca02c"}
 ROLE_COLORS = dict(zip(ROLES, ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3")))
 
@@ -40,7 +35,7 @@ def plot_timeline(m: Measurement, title: str = "Live tensor memory during the st
             ax.plot([p.index for p in points], [p.live_bytes / div for p in points], ".", ms=3, color=color, label=phase)
     ax.axhline(m.peak_bytes / div, color="k", ls="--", lw=1, label=f"peak {m.peak_bytes / div:.2f} {unit}")
     ax.set(title=f"{title} ({m.source})", xlabel="op number", ylabel=f"live tensors ({unit})")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     return ax
 
 

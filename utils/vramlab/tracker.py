@@ -252,10 +252,11 @@ class StorageTracker(TorchDispatchMode):
             details = self._overflow(before, new)
             del out  # let the outputs die before the error propagates
             raise torch.OutOfMemoryError(oom_message(details, "vramlab budget: simulated"))
-        self.ops += 1
         self._update_peak()
-        if self.timeline is not None:
-            self.timeline.append(TimelinePoint(self.ops, name, self.phase, self.current_bytes))
+        if any(isinstance(t, torch.Tensor) for t in tree_flatten(out)[0]):  # skip queries like prim.device
+            self.ops += 1
+            if self.timeline is not None:
+                self.timeline.append(TimelinePoint(self.ops, name, self.phase, self.current_bytes))
         return out
 
     def _account(self, func: Any, name: str, out: Any, args: tuple, kwargs: dict) -> list[Record]:
