@@ -132,3 +132,13 @@ def test_7b_dry_run_agrees_with_the_formula():
     assert d.params == 6_738_415_616
     assert e.peak_bytes == pytest.approx(d.peak_bytes, rel=0.05)
     assert d.breakdown["optimizer"] == pytest.approx(8 * d.params, rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-3-8b", "qwen2.5-0.5b"])
+@pytest.mark.parametrize("setup", [dict(recipe="fp32"), dict(recipe="amp-bf16", attention="eager"),
+                                   dict(recipe="bf16"), dict(recipe="amp-fp16", checkpointing=True)], ids=str)
+def test_activation_formula_equals_saved_tensors_of_the_dry_run(name, setup):
+    from vramlab.dryrun import saved_activations
+
+    arch = get_arch(name).with_(num_layers=2)
+    assert activation_bytes(arch, 2, 256, **setup) == pytest.approx(saved_activations(arch, 2, 256, **setup), rel=1e-3)

@@ -109,9 +109,11 @@ def build_hf_model(arch: ArchConfig, dtype: torch.dtype = torch.float32, attenti
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build in the target dtype: .to() cannot swap fake params
     try:
-        return cls(config)
+        model = cls(config)
     finally:
         torch.set_default_dtype(previous)
+    model.loss_type = "ForCausalLM"  # the loss transformers uses by default, named to silence its warning
+    return model
 
 
 def make_optimizer(name: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -218,11 +220,8 @@ def cache_tensors(cache: Any) -> Iterator[torch.Tensor]:
 
 def _train_step(net: torch.nn.Module, ids: torch.Tensor, rec: Recipe, optimizer: str, checkpointing: bool, timeline: bool) -> Measurement:
     net.train()
-    if checkpointing:  # one checkpoint per decoder block, non-reentrant
-        if hasattr(net, "activation_checkpointing_enable"):  # transformers >= 5
-            net.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if checkpointing:
+        _enable_checkpointing(net)
     opt = make_optimizer(optimizer, [p for p in net.parameters() if p.requires_grad])
     with measure(net, opt, ids, timeline=timeline) as m:
         with _autocast(rec):
@@ -236,6 +235,14 @@ def _train_step(net: torch.nn.Module, ids: torch.Tensor, rec: Recipe, optimizer:
     return m
 
 
+def _enable_checkpointing(net: torch.nn.Module) -> None:
+    """One non-reentrant checkpoint per decoder block."""
+    if hasattr(net, "activation_checkpointing_enable"):  # transformers >= 5
+        net.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def _scaled_backward_and_step(loss: torch.Tensor, net: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
     """GradScaler's memory behaviour on fake tensors: scale the loss, unscale the gradients
     in place (one fused op, no copies), then step. (GradScaler itself reads ``found_inf``
@@ -246,3 +253,27 @@ def _scaled_backward_and_step(loss: torch.Tensor, net: torch.nn.Module, opt: tor
     found_inf = torch.zeros(())
     torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, scale.reciprocal())
     opt.step()
+
+
+def saved_activations(
+    model: str | ArchConfig, batch: int = 1, seq: int = 1024, recipe: str = "fp32",
+    attention: str = "sdpa", checkpointing: bool = False,
+) -> int:
+    """Bytes autograd holds at the end of the forward pass (loss computed), by dry run.
+
+    These are the tensors saved for backward ("activations"); autocast's 16-bit weight
+    copies are not included (they are weights, not activations).
+    """
+    arch = get_arch(model)
+    check_positive(batch=batch, seq=seq)
+    rec = get_recipe(recipe)
+    with FakeTensorMode():
+        net = build_hf_model(arch, rec.param_dtype, attention)
+        net.train()
+        if checkpointing:
+            _enable_checkpointing(net)
+        ids = torch.randint(0, arch.vocab_size, (batch, seq))
+        with measure(net, ids) as m, _autocast(rec):
+            loss = net(input_ids=ids, labels=ids, use_cache=False).loss
+        del loss
+    return m.end_breakdown["activations"]
