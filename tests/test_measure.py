@@ -152,3 +152,12 @@ def test_budget_and_measure_leave_no_hooks_behind():
     with measure():
         torch.zeros(1)
     assert len(oo._global_optimizer_pre_hooks) == before
+
+
+def test_tracked_tensors_can_die_inside_the_block():
+    a = torch.zeros(1000)
+    with measure(a) as m:
+        del a  # measure must not keep its own reference
+        b = torch.zeros(1000)
+    assert m.peak_bytes == 4000
+    del b

@@ -25,6 +25,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .measure import Measurement, measure
+from .storages import storage_bytes
 from .models import ArchConfig, get_arch
 from .recipes import Recipe, check_optimizer, check_positive, get_recipe
 
@@ -37,6 +38,7 @@ class DryRunResult:
     params: int
     measurement: Measurement
     setup: dict[str, Any]
+    kv_cache_bytes: int = 0  # inference: bytes of the cache's storages after the prefill
 
     @property
     def peak_bytes(self) -> int:
@@ -192,21 +194,24 @@ def _run(model: str | ArchConfig, batch: int, seq: int, recipe: str, optimizer: 
         net = build_hf_model(arch, rec.param_dtype, attention)
         params = sum(p.numel() for p in net.parameters())
         ids = torch.randint(0, arch.vocab_size, (batch, seq))
+        cache = 0
         if inference:
-            result = _prefill(net, ids, rec, timeline)
+            result, cache = _prefill(net, ids, rec, timeline)
         else:
             result = _train_step(net, ids, rec, optimizer, checkpointing, timeline)
-    return DryRunResult(arch, params, result, setup)
+    return DryRunResult(arch, params, result, setup, cache)
 
 
-def _prefill(net: torch.nn.Module, ids: torch.Tensor, rec: Recipe, timeline: bool) -> Measurement:
+def _prefill(net: torch.nn.Module, ids: torch.Tensor, rec: Recipe, timeline: bool) -> tuple[Measurement, int]:
     net.eval()
     meter = measure(net, ids, timeline=timeline)
     with meter as m, torch.inference_mode(), _autocast(rec):
         out = net(input_ids=ids, use_cache=True, logits_to_keep=1)
-        meter.tracker.register(list(cache_tensors(out.past_key_values)), role="other")
-        del out
-    return m
+        cache = list(cache_tensors(out.past_key_values))
+        meter.tracker.register(cache, role="other")
+        cache_bytes = storage_bytes(cache)
+        del out, cache
+    return m, cache_bytes
 
 
 def cache_tensors(cache: Any) -> Iterator[torch.Tensor]:

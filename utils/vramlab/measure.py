@@ -155,6 +155,8 @@ class measure:
         for obj in self.track:
             tracker.register(obj)
         tracker.set_phase(None)
+        # keep only what the final role pass needs: holding tracked tensors would keep them alive
+        self.track = tuple(o for o in self.track if isinstance(o, (torch.nn.Module, torch.optim.Optimizer)))
         if tracker.limit is not None and tracker.current_bytes > tracker.limit:
             raise torch.OutOfMemoryError(
                 f"vramlab budget: what is already alive ({format_bytes(tracker.current_bytes)}) "
