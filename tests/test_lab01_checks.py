@@ -1,0 +1,110 @@
+"""Lab 1's checks: the shipped solution passes, the stub is 'not attempted', wrong answers fail."""
+
+from pathlib import Path
+
+import pytest
+
+from vramlab.checks import CheckFailed, lab01
+from vramlab.labs import make_lab
+from vramlab.notebooks import load, source
+
+SOLUTION = Path(__file__).resolve().parent.parent / "solutions" / "lab01_predict_then_measure.ipynb"
+
+
+def functions(nb):
+    """The predict_* functions defined in a notebook (check calls left out)."""
+    scope: dict = {}
+    exec("from vramlab.gpt import GPTConfig", scope)
+    for cell in nb["cells"]:
+        text = source(cell)
+        if cell["cell_type"] == "code" and "def predict_" in text:
+            exec("\n".join(line for line in text.splitlines() if not line.startswith("lab01.")), scope)
+    return scope
+
+
+@pytest.fixture(scope="module")
+def right():
+    return functions(load(SOLUTION))
+
+
+@pytest.fixture(scope="module")
+def stub():
+    return functions(make_lab(load(SOLUTION)))
+
+
+CHECKS = [("check_param_bytes", "predict_param_bytes"), ("check_grad_bytes", "predict_grad_bytes"),
+          ("check_optimizer_bytes", "predict_optimizer_bytes"), ("check_activation_bytes", "predict_activation_bytes"),
+          ("check_fits", "predict_fits")]
+
+
+@pytest.mark.parametrize("check, fn", CHECKS)
+def test_solution_passes(right, check, fn):
+    assert getattr(lab01, check)(right[fn]).passed
+
+
+@pytest.mark.parametrize("check, fn", CHECKS)
+def test_stub_is_not_attempted(stub, check, fn, capsys):
+    assert getattr(lab01, check)(stub[fn]).status == "not attempted yet"
+
+
+def test_params_wrong_answers(right):
+    P = right["predict_param_bytes"]
+    wrong = {
+        "2 bytes per parameter": lambda c: P(c) // 2,
+        "untied head counted": lambda c: P(c) + 4 * c.vocab_size * c.hidden,
+        "no position embedding": lambda c: P(c) - 4 * c.seq_len * c.hidden,
+        "LayerNorms forgotten": lambda c: P(c) - 4 * (4 * c.hidden * c.layers + 2 * c.hidden),
+        "MLP ratio fixed at 4": lambda c: P(c) + 4 * c.layers * (2 * c.hidden + 1) * (4 - c.mlp_ratio) * c.hidden,
+    }
+    for label, fn in wrong.items():
+        with pytest.raises(CheckFailed):
+            lab01.check_param_bytes(fn)
+
+
+def test_params_failure_says_which_part(right):
+    P = right["predict_param_bytes"]
+    with pytest.raises(CheckFailed, match="each transformer block is off by -"):
+        lab01.check_param_bytes(lambda c: P(c) - 4 * 2 * 2 * c.hidden * c.layers)  # LayerNorms of the blocks forgotten
+    with pytest.raises(CheckFailed, match="vocabulary entries change your count"):
+        lab01.check_param_bytes(lambda c: P(c) + 4 * c.vocab_size * c.hidden)  # head counted as untied
+
+
+def test_grads_ignoring_frozen_fails(right):
+    with pytest.raises(CheckFailed, match="frozen embedding=True"):
+        lab01.check_grad_bytes(lambda c, frozen_embedding=False: right["predict_param_bytes"](c))
+
+
+@pytest.mark.parametrize("rule", [
+    {"sgd": 0, "sgd-momentum": 1, "adamw": 3},   # counts the gradients as optimizer state
+    {"sgd": 0, "sgd-momentum": 0, "adamw": 2},   # forgets the momentum buffer
+    {"sgd": 1, "sgd-momentum": 1, "adamw": 2},   # thinks SGD keeps a copy
+])
+def test_optimizer_wrong_rules(right, rule):
+    P = right["predict_param_bytes"]
+    with pytest.raises(CheckFailed):
+        lab01.check_optimizer_bytes(lambda c, optimizer: rule[optimizer] * P(c))
+
+
+def test_activations_wrong_answers(right):
+    A = right["predict_activation_bytes"]
+    with pytest.raises(CheckFailed, match="vocabulary"):
+        lab01.check_activation_bytes(lambda c, batch: A(c, batch) - 4 * batch * (c.seq_len - 1) * c.vocab_size)
+    with pytest.raises(CheckFailed, match="each transformer block is off"):
+        lab01.check_activation_bytes(lambda c, batch: A(c, batch) - batch * (c.seq_len - 1) * c.layers * 4 * 2 * c.mlp_ratio * c.hidden)
+    with pytest.raises(CheckFailed):
+        lab01.check_activation_bytes(lambda c, batch: A(c, batch) * c.seq_len // (c.seq_len - 1) * 105 // 100)
+
+
+def test_fits_wrong_models(right):
+    P, O, A = right["predict_param_bytes"], right["predict_optimizer_bytes"], right["predict_activation_bytes"]
+    wrong = {
+        "always fits": lambda c, b, budget: True,
+        "never fits": lambda c, b, budget: False,
+        "16 bytes per parameter, activations ignored": lambda c, b, budget: 4 * P(c) <= budget,
+        "activations only, optimizer step ignored": lambda c, b, budget: P(c) + A(c, b) <= budget,
+    }
+    for label, fn in wrong.items():
+        with pytest.raises(CheckFailed):
+            lab01.check_fits(fn)
+    with pytest.raises(CheckFailed, match="expected True or False"):
+        lab01.check_fits(lambda c, b, budget: 1)

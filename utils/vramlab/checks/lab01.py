@@ -1,0 +1,186 @@
+"""Checks of Lab 1, *Predict, then measure*.
+
+Each check runs real TinyGPT training steps on the CPU, measured by the storage tracker (the
+bytes ``torch.cuda.memory_allocated`` would count), on configurations the lab never shows,
+and compares them with the learner's prediction. When a prediction is off, the check varies
+one knob at a time (depth, vocabulary, batch) to say which part of the count is wrong.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+
+from ..budget import budget
+from ..gpt import GPTConfig, TinyGPT, random_batch
+from ..measure import measure
+from ..units import format_bytes
+from . import FAILED, NOT_ATTEMPTED, PASSED, CheckResult, attempt, relative_error, report
+
+CONFIGS = (  # hidden from the lab's text: answers cannot be tuned to them
+    GPTConfig(vocab_size=300, seq_len=49, hidden=96, layers=3, heads=4),
+    GPTConfig(vocab_size=1000, seq_len=33, hidden=64, layers=2, heads=2),
+    GPTConfig(vocab_size=128, seq_len=65, hidden=128, layers=1, heads=8, mlp_ratio=2),
+)
+TOLERANCE = {"parameters": 0.0, "gradients": 0.0, "optimizer": 1e-4, "activations": 0.02}
+OPTIMIZERS = ("sgd", "sgd-momentum", "adamw")
+
+
+def _optimizer(name: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=0.01, foreach=True)
+    if name == "sgd-momentum":
+        return torch.optim.SGD(params, lr=0.01, momentum=0.9, foreach=True)
+    return torch.optim.AdamW(params, lr=1e-3, foreach=True)
+
+
+def measure_step(cfg: GPTConfig, batch: int = 2, optimizer: str = "adamw", frozen_embedding: bool = False) -> dict[str, int]:
+    """One real training step of TinyGPT on the CPU: bytes by role after the step, the
+    activations saved at the end of the forward pass, and the step's peak."""
+    torch.manual_seed(0)
+    model = TinyGPT(cfg)
+    if frozen_embedding:
+        model.tok.weight.requires_grad_(False)
+    opt = _optimizer(optimizer, [p for p in model.parameters() if p.requires_grad])
+    ids = random_batch(cfg, batch)
+    with measure(model, opt, ids) as step:
+        with measure(model, ids) as fwd:
+            loss = model.loss(ids)
+        loss.backward()
+        opt.step()
+        del loss
+    return {**step.end_breakdown, "saved": fwd.end_breakdown["activations"], "peak": step.peak_bytes}
+
+
+def _diagnose(fn: Callable[..., int], cfg: GPTConfig, truth: Callable[[GPTConfig], int]) -> str:
+    """Which part of a byte count is off: per block, the vocabulary-sized part, or the rest."""
+    deeper, wider_vocab = replace(cfg, layers=cfg.layers + 1), replace(cfg, vocab_size=cfg.vocab_size + 100)
+    try:
+        block_err = (fn(deeper) - fn(cfg)) - (truth(deeper) - truth(cfg))
+        vocab_err = (fn(wider_vocab) - fn(cfg)) - (truth(wider_vocab) - truth(cfg))
+    except Exception:
+        return ""
+    parts = []
+    if block_err:
+        parts.append(f"each transformer block is off by {block_err:+,} B")
+    if vocab_err:
+        parts.append(f"100 more vocabulary entries change your count by {vocab_err:+,} B more than they should")
+    if not parts:
+        parts.append("the blocks and the vocabulary-sized parts are right; something counted once per model is off")
+    return "; ".join(parts) + ". "
+
+
+def _check_counts(name: str, fn: Callable[..., int], role: str, hint: str,
+                  kwargs_for: Callable[[GPTConfig], dict], measured_for: Callable[[GPTConfig], int]) -> CheckResult:
+    for cfg in CONFIGS:
+        attempted, got = attempt(fn, cfg, **kwargs_for(cfg))
+        if not attempted:
+            return report(name, NOT_ATTEMPTED, "replace the `raise NotImplementedError` with your answer")
+        if isinstance(got, bool) or not isinstance(got, (int, float)):
+            return report(name, FAILED, f"expected a number of bytes, got {got!r}. Hint: {hint}")
+        want = measured_for(cfg)
+        if relative_error(float(got), float(want)) > TOLERANCE[role]:
+            where = _diagnose(lambda c: fn(c, **kwargs_for(c)), cfg, measured_for)
+            return report(name, FAILED,
+                          f"for {cfg} you predicted {int(got):,} B ({format_bytes(got)}) but the step measured "
+                          f"{int(want):,} B ({format_bytes(want)}). {where}Hint: {hint}")
+    return report(name, PASSED, f"matches the measurement on {len(CONFIGS)} configurations you have not seen"
+                  + ("" if TOLERANCE[role] == 0 else f" (within {TOLERANCE[role]:.2%})"))
+
+
+def check_param_bytes(fn: Callable[[GPTConfig], int]) -> CheckResult:
+    """``fn(cfg)``: bytes of TinyGPT's fp32 parameters."""
+    return _check_counts("parameter bytes", fn, "parameters",
+                         "4 bytes per parameter; count the token and position embeddings, every Linear's weight "
+                         "and bias, every LayerNorm's weight and bias, and remember the LM head is tied.",
+                         lambda cfg: {}, lambda cfg: measure_step(cfg, optimizer="sgd")["parameters"])
+
+
+def check_grad_bytes(fn: Callable[..., int]) -> CheckResult:
+    """``fn(cfg, frozen_embedding)``: bytes of gradients after backward."""
+    result = None
+    for frozen in (False, True):
+        result = _check_counts(f"gradient bytes (frozen embedding={frozen})", fn, "gradients",
+                               "one fp32 gradient per trainable parameter; a frozen tensor has none.",
+                               lambda cfg, f=frozen: {"frozen_embedding": f},
+                               lambda cfg, f=frozen: measure_step(cfg, optimizer="sgd", frozen_embedding=f)["gradients"])
+        if result.status != PASSED:
+            return result
+    return result  # type: ignore[return-value]
+
+
+def check_optimizer_bytes(fn: Callable[..., int]) -> CheckResult:
+    """``fn(cfg, optimizer)``: bytes of optimizer state after the first step."""
+    result = None
+    for name in OPTIMIZERS:
+        result = _check_counts(f"optimizer state ({name})", fn, "optimizer",
+                               "SGD keeps nothing; momentum keeps one buffer per parameter; AdamW keeps two "
+                               "moments per parameter (and a 4-byte step counter per tensor, negligible here).",
+                               lambda cfg, n=name: {"optimizer": n},
+                               lambda cfg, n=name: measure_step(cfg, optimizer=n)["optimizer"])
+        if result.status != PASSED:
+            return result
+    return result  # type: ignore[return-value]
+
+
+def check_activation_bytes(fn: Callable[..., int]) -> CheckResult:
+    """``fn(cfg, batch)``: bytes autograd holds at the end of the forward pass (loss computed)."""
+    result = None
+    for batch in (1, 3):
+        result = _check_counts(f"activation bytes (batch {batch})", fn, "activations",
+                               "read TinyGPT's code: per block, which outputs does backward need (LayerNorm "
+                               "outputs and statistics, q/k/v, attention output and log-sum-exp, the MLP's two "
+                               "wide tensors, the residual sums)? Outside the blocks: the embedding sum, the final "
+                               "LayerNorm, the log-softmax over the vocabulary, the labels. The loss uses seq_len - 1 tokens.",
+                               lambda cfg, b=batch: {"batch": b},
+                               lambda cfg, b=batch: measure_step(cfg, batch=b, optimizer="sgd")["saved"])
+        if result.status != PASSED:
+            return result
+    return result  # type: ignore[return-value]
+
+
+FIT_CASES = ((CONFIGS[0], 4, 0.8), (CONFIGS[0], 4, 1.25), (CONFIGS[1], 16, 0.8), (CONFIGS[2], 2, 1.25), (CONFIGS[2], 32, 0.8))
+
+
+def check_fits(fn: Callable[..., bool]) -> CheckResult:
+    """``fn(cfg, batch, budget_bytes)``: does one AdamW training step fit the budget?
+
+    Each case is decided by running the step under :func:`vramlab.budget`, with budgets
+    20 % below or 25 % above the real peak, so a peak estimate within that margin passes.
+    """
+    name = "fits the budget"
+    for cfg, batch, factor in FIT_CASES:
+        limit = int(measure_step(cfg, batch=batch)["peak"] * factor)
+        attempted, answer = attempt(fn, cfg, batch, limit)
+        if not attempted:
+            return report(name, NOT_ATTEMPTED, "replace the `raise NotImplementedError` with your answer")
+        if not isinstance(answer, bool):
+            return report(name, FAILED, f"expected True or False, got {answer!r}")
+        actual = _runs_within(cfg, batch, limit)
+        if answer != actual:
+            return report(name, FAILED,
+                          f"for {cfg}, batch {batch}, budget {format_bytes(limit)}: you said "
+                          f"{'fits' if answer else 'does not fit'}, the budget run {'completed' if actual else 'ran out of memory'}. "
+                          "Hint: the peak is the larger of the optimizer step (weights + gradients + two AdamW moments "
+                          "+ one temporary per parameter) and the start of backward (weights + activations + two "
+                          "(tokens x vocab) fp32 loss gradients).")
+    return report(name, PASSED, f"agrees with {len(FIT_CASES)} real budget runs")
+
+
+def _runs_within(cfg: GPTConfig, batch: int, limit: int) -> bool:
+    torch.manual_seed(0)
+    model = TinyGPT(cfg)
+    opt = _optimizer("adamw", list(model.parameters()))
+    ids = random_batch(cfg, batch)
+    try:
+        with budget(limit, model, opt, ids):
+            model.loss(ids).backward()
+            opt.step()
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        gc.collect()
