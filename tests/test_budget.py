@@ -18,7 +18,7 @@ def test_budget_raises_a_real_oom_with_cudas_fields():
     assert "Tried to allocate 2.00 MiB" in text
     assert "total capacity of 1.00 MiB" in text
     assert re.search(r"of which [\d.]+ KiB is free", text)
-    assert "3.91 KiB is allocated" in text
+    assert "3.91 KiB is allocated by PyTorch" in text
 
 
 def test_refused_before_it_allocates():

@@ -76,3 +76,26 @@ def plot_lines(x: Sequence[float], series: Mapping[str, Sequence[float]], title:
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.legend(fontsize=8)
     return ax
+
+
+def plot_segments(segments: list[dict], title: str, ax: Any = None) -> Any:
+    """Draw allocator segments (``torch.cuda.memory._snapshot()["segments"]`` or
+    :meth:`vramlab.allocator_model.CachingAllocatorModel.snapshot`): one bar per segment,
+    live blocks filled, cached (free) blocks hatched."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    ax = ax or plt.subplots(figsize=(8, 0.35 * max(len(segments), 4) + 1))[1]
+    for row, seg in enumerate(segments):
+        start = 0
+        for block in seg["blocks"]:
+            live = block["state"].startswith("active")
+            ax.barh(row, block["size"] / MiB, left=start / MiB, color="#c44e52" if live else "white",
+                    edgecolor="k", hatch=None if live else "//", height=0.7)
+            start += block["size"]
+    ax.set(title=title, xlabel="offset in segment (MiB)", ylabel="segment", yticks=range(len(segments)))
+    ax.invert_yaxis()
+    ax.legend(handles=[Patch(facecolor="#c44e52", edgecolor="k", label="live block"),
+                       Patch(facecolor="white", edgecolor="k", hatch="//", label="cached (reserved, free)")],
+              fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return ax

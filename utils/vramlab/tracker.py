@@ -77,14 +77,14 @@ class OomDetails:
 
 
 def oom_message(details: OomDetails, where: str) -> str:
-    """A message with the fields, in the order, of CUDA's out-of-memory message."""
+    """A message with the fields, wording and order of CUDA's out-of-memory message."""
     return (
         f"{where} out of memory. Tried to allocate {format_bytes(details.tried)}. "
         f"The budget has a total capacity of {format_bytes(details.limit)} of which "
-        f"{format_bytes(details.free)} is free. Of the budget, {format_bytes(details.in_use)} "
-        "is allocated by tensors tracked in this block and 0 B is reserved but unallocated "
-        "(the CPU tracker has no cache). Free tensors you no longer need, lower the batch "
-        "size, or apply a strategy from Part III."
+        f"{format_bytes(details.free)} is free. Of the allocated memory {format_bytes(details.in_use)} "
+        "is allocated by PyTorch, and 0 B is reserved by PyTorch but unallocated "
+        "(the CPU tracker has no cache, so there is no fragmentation). Free tensors you no longer "
+        "need, lower the batch size, or apply a strategy from Part III."
     )
 
 
