@@ -6,20 +6,15 @@ import pytest
 
 from vramlab.checks import CheckFailed, lab01
 from vramlab.labs import make_lab
-from vramlab.notebooks import load, source
+from notebook_code import defined_in
+from vramlab.notebooks import load
 
 SOLUTION = Path(__file__).resolve().parent.parent / "solutions" / "lab01_predict_then_measure.ipynb"
 
 
 def functions(nb):
     """The predict_* functions defined in a notebook (check calls left out)."""
-    scope: dict = {}
-    exec("from vramlab.gpt import GPTConfig", scope)
-    for cell in nb["cells"]:
-        text = source(cell)
-        if cell["cell_type"] == "code" and "def predict_" in text:
-            exec("\n".join(line for line in text.splitlines() if not line.startswith("lab01.")), scope)
-    return scope
+    return defined_in(nb, "def predict_", "lab01", "from vramlab.gpt import GPTConfig")
 
 
 @pytest.fixture(scope="module")

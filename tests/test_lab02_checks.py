@@ -7,19 +7,14 @@ import torch.nn.functional as F
 
 from vramlab.checks import CheckFailed, lab02
 from vramlab.labs import make_lab
-from vramlab.notebooks import load, source
+from notebook_code import defined_in
+from vramlab.notebooks import load
 
 SOLUTION = Path(__file__).resolve().parent.parent / "solutions" / "lab02_debug_the_oom.ipynb"
 
 
 def train_from(nb):
-    scope: dict = {}
-    exec("import torch\nimport torch.nn.functional as F", scope)
-    for cell in nb["cells"]:
-        text = source(cell)
-        if cell["cell_type"] == "code" and "def train(" in text:
-            exec("\n".join(line for line in text.splitlines() if not line.startswith("lab02.")), scope)
-    return scope["train"]
+    return defined_in(nb, "def train(", "lab02", "import torch\nimport torch.nn.functional as F")["train"]
 
 
 def make_loop(micro=4, divide=True, keep="float", use=1.0):
