@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
 from .recipes import check_positive
 
@@ -79,8 +80,13 @@ class Block(nn.Module):
             y = scores.softmax(dim=-1) @ v
         return self.proj(y.transpose(1, 2).reshape(b, s, h))
 
+    checkpoint_attention = False  # recompute attention in backward instead of saving its activations
+
     def forward(self, x: torch.Tensor, cache: list[torch.Tensor] | None = None) -> torch.Tensor:
-        x = x + self.attend(self.ln1(x), cache)
+        if self.checkpoint_attention and cache is None and torch.is_grad_enabled():
+            x = x + checkpoint(lambda h: self.attend(self.ln1(h)), x, use_reentrant=False)
+        else:
+            x = x + self.attend(self.ln1(x), cache)
         return x + self.out(F.gelu(self.fc(self.ln2(x))))
 
 
@@ -94,6 +100,18 @@ class TinyGPT(nn.Module):
         self.pos = nn.Embedding(self.cfg.seq_len, self.cfg.hidden)
         self.blocks = nn.ModuleList(Block(self.cfg) for _ in range(self.cfg.layers))
         self.ln = nn.LayerNorm(self.cfg.hidden)
+        self.checkpoint_every = 0
+        self.checkpoint_segments = 0
+
+    def set_checkpointing(self, every: int = 0, attention_only: bool = False, segments: int = 0) -> "TinyGPT":
+        """Activation checkpointing: every ``every``-th block whole, or only the attention of
+        every block, or ``segments`` equal runs of blocks (``checkpoint_sequential``). 0 / False: off."""
+        if every < 0 or segments < 0 or (segments and self.cfg.layers % segments):
+            raise ValueError(f"every >= 0 and segments must divide the {self.cfg.layers} layers; got every={every}, segments={segments}")
+        self.checkpoint_every, self.checkpoint_segments = every, segments
+        for block in self.blocks:
+            block.checkpoint_attention = attention_only
+        return self
 
     def forward(self, ids: torch.Tensor, caches: list[list[torch.Tensor]] | None = None, start: int = 0) -> torch.Tensor:
         if ids.dim() != 2:
@@ -102,8 +120,15 @@ class TinyGPT(nn.Module):
             raise ValueError(f"{start + ids.shape[1]} positions exceed seq_len={self.cfg.seq_len}")
         positions = torch.arange(start, start + ids.shape[1], device=ids.device)
         x = self.tok(ids) + self.pos(positions)
-        for i, block in enumerate(self.blocks):
-            x = block(x, None if caches is None else caches[i])
+        training = caches is None and torch.is_grad_enabled()
+        if training and self.checkpoint_segments:
+            x = checkpoint_sequential(self.blocks, self.checkpoint_segments, x, use_reentrant=False)
+        else:
+            for i, block in enumerate(self.blocks):
+                if training and self.checkpoint_every and i % self.checkpoint_every == 0:
+                    x = checkpoint(block, x, use_reentrant=False)
+                else:
+                    x = block(x, None if caches is None else caches[i])
         return self.ln(x) @ self.tok.weight.t()  # tied LM head
 
     def loss(self, ids: torch.Tensor) -> torch.Tensor:
