@@ -54,3 +54,31 @@ def test_too_long_input():
     model = TinyGPT(GPTConfig(seq_len=8))
     with pytest.raises(ValueError, match="exceed seq_len"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+@pytest.mark.parametrize("setting", [dict(every=1), dict(every=2), dict(attention_only=True), dict(segments=2)], ids=str)
+def test_checkpointing_keeps_gradients_and_lowers_the_peak(setting):
+    from vramlab import measure
+
+    cfg = GPTConfig(vocab_size=64, seq_len=32, hidden=32, layers=4, heads=4)
+    ids = random_batch(cfg, 4)
+
+    def run(**kw):
+        torch.manual_seed(0)
+        model = TinyGPT(cfg).set_checkpointing(**kw)
+        with measure(model, ids) as m:
+            model.loss(ids).backward()
+        return m.peak_bytes, [p.grad for p in model.parameters()]
+
+    plain_peak, plain = run()
+    peak, grads = run(**setting)
+    assert peak < plain_peak
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, plain))
+
+
+def test_checkpointing_bad_arguments():
+    model = TinyGPT(GPTConfig(layers=4))
+    with pytest.raises(ValueError):
+        model.set_checkpointing(segments=3)
+    with pytest.raises(ValueError):
+        model.set_checkpointing(every=-1)
