@@ -16,7 +16,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml $(CONSTRAINTS)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[test,lab]"
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[test,lab,optim]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -114,8 +114,10 @@ def test_dry_run_equals_a_real_cpu_run(arch, setup):
 
 
 @pytest.mark.parametrize("arch", [TINY_LLAMA, TINY_GPT2], ids=lambda a: a.name)
-@pytest.mark.parametrize("optimizer", ["adafactor", "sgd-momentum"])
+@pytest.mark.parametrize("optimizer", ["adafactor", "sgd-momentum", "adamw-8bit"])
 def test_formula_matches_a_real_run_for_optimizers_without_a_dry_run(arch, optimizer):
+    if optimizer == "adamw-8bit":
+        pytest.importorskip("bitsandbytes")
     real = realrun(arch, batch=1, seq=16, optimizer=optimizer)
     est = estimate(arch, batch=1, seq=16, optimizer=optimizer)
     assert est.peak_bytes == pytest.approx(real.peak_bytes, rel=0.05)
@@ -142,3 +144,9 @@ def test_activation_formula_equals_saved_tensors_of_the_dry_run(name, setup):
 
     arch = get_arch(name).with_(num_layers=2)
     assert activation_bytes(arch, 2, 256, **setup) == pytest.approx(saved_activations(arch, 2, 256, **setup), rel=1e-3)
+
+
+def test_8bit_adamw_state_bytes_equal_bitsandbytes():
+    pytest.importorskip("bitsandbytes")
+    real = realrun(TINY_LLAMA, batch=1, seq=16, optimizer="adamw-8bit")
+    assert real.measurement.end_breakdown["optimizer"] == optimizer_state_bytes(TINY_LLAMA, "adamw-8bit")

@@ -131,11 +131,11 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter]) -> torch.optim.O
         return torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=True)
     if name == "adafactor":
         return torch.optim.Adafactor(params, lr=1e-3, foreach=True)
-    raise ValueError(
-        "adamw-8bit (bitsandbytes) has no dry-run path: its kernels have no fake-tensor "
-        "implementation. Use `vramlab estimate --optimizer adamw-8bit`, or measure it for real "
-        "on a small model (chapter 11)."
-    )
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ImportError("adamw-8bit needs bitsandbytes: pip install bitsandbytes") from None
+    return bnb.optim.AdamW8bit(params, lr=1e-4)
 
 
 def _autocast(recipe: Recipe) -> contextlib.AbstractContextManager:

@@ -127,13 +127,15 @@ def optimizer_state_bytes(arch: ArchConfig, optimizer: str, recipe: str = "fp32"
             total += (math.prod(shape[:-1]) + shape[-1]) * p if len(shape) >= 2 else n * p
         elif optimizer == "adamw-8bit":
             total += _bnb_state_bytes(n, p)
+    if optimizer == "adamw-8bit" and any(math.prod(sh) >= BNB_MIN_8BIT_SIZE for sh in shapes):
+        total += 2 * 256 * 4  # the two fp32 quantisation maps, shared by every 8-bit tensor
     return total
 
 
 def _bnb_state_bytes(n: int, param_bytes: int) -> int:
     if n < BNB_MIN_8BIT_SIZE:
         return 2 * n * 4  # 32-bit state for small tensors
-    return 2 * (n + 4 * math.ceil(n / BNB_BLOCK))  # uint8 values + fp32 absmax per block
+    return 2 * (n + 4 * math.ceil(n / BNB_BLOCK))  # two uint8 states and an fp32 absmax per block
 
 
 def optimizer_temp_bytes(arch: ArchConfig, optimizer: str, recipe: str = "fp32") -> int:
