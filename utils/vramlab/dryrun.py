@@ -131,6 +131,9 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter]) -> torch.optim.O
         return torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=True)
     if name == "adafactor":
         return torch.optim.Adafactor(params, lr=1e-3, foreach=True)
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # quiet its notice about optional kernels
     try:
         import bitsandbytes as bnb
     except ImportError:

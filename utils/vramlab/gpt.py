@@ -102,6 +102,15 @@ class TinyGPT(nn.Module):
         self.ln = nn.LayerNorm(self.cfg.hidden)
         self.checkpoint_every = 0
         self.checkpoint_segments = 0
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        """GPT-2's initialisation: N(0, 0.02) weights, zero biases (so the first loss is near ln V)."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def set_checkpointing(self, every: int = 0, attention_only: bool = False, segments: int = 0) -> "TinyGPT":
         """Activation checkpointing: every ``every``-th block whole, or only the attention of
