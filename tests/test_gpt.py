@@ -82,3 +82,13 @@ def test_checkpointing_bad_arguments():
         model.set_checkpointing(segments=3)
     with pytest.raises(ValueError):
         model.set_checkpointing(every=-1)
+
+
+def test_pattern_batch_is_learnable_and_in_range():
+    from vramlab.gpt import pattern_batch
+
+    cfg = GPTConfig(vocab_size=50, seq_len=20)
+    ids = pattern_batch(cfg, 4, seed=1)
+    assert ids.shape == (4, 20) and ids.min() >= 0 and ids.max() < 50
+    steps = (ids[:, 1:] - ids[:, :-1]) % 50
+    assert (steps == steps[:, :1]).all()  # a constant stride per sequence

@@ -9,6 +9,9 @@ On CUDA the experiment runs in a fresh Python process, because ``PYTORCH_CUDA_AL
 is read once, when CUDA initialises:
 
     python -m vramlab.fragmentation [--expandable]      # prints a JSON result
+    python -m vramlab.fragmentation --record docs/gpu-runs/fragmentation-<gpu>.json
+                                                        # both settings, with device and torch version,
+                                                        # for chapter 05 to show on CPU-only machines
 """
 
 from __future__ import annotations
@@ -113,5 +116,15 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Run the fragmentation experiment on this process's GPU.")
     parser.add_argument("--expandable", action="store_true")
     parser.add_argument("--capacity", type=int, default=CAPACITY)
+    parser.add_argument("--record", metavar="PATH", help="run both settings and write them, with the device, to PATH")
     ns = parser.parse_args()
-    print(json.dumps(_cuda_main(ns.expandable, ns.capacity)))
+    if ns.record:
+        import torch
+
+        runs = [run_cuda(expandable=e, capacity=ns.capacity).__dict__ for e in (False, True)]
+        meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "capacity": ns.capacity}
+        with open(ns.record, "w") as fh:
+            json.dump({**meta, "runs": runs}, fh, indent=1)
+        print(f"wrote {ns.record}")
+    else:
+        print(json.dumps(_cuda_main(ns.expandable, ns.capacity)))

@@ -169,3 +169,13 @@ def random_batch(cfg: GPTConfig, batch: int, seed: int = 0) -> torch.Tensor:
     check_positive(batch=batch)
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), generator=gen)
+
+
+def pattern_batch(cfg: GPTConfig, batch: int, seed: int = 0) -> torch.Tensor:
+    """Learnable synthetic token ids (batch, seq_len): each sequence counts up from a random
+    start by a random stride (mod the vocabulary), so the next token follows from the last two."""
+    check_positive(batch=batch)
+    gen = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, cfg.vocab_size, (batch, 1), generator=gen)
+    stride = torch.randint(1, 8, (batch, 1), generator=gen)
+    return (start + stride * torch.arange(cfg.seq_len)) % cfg.vocab_size
