@@ -22,6 +22,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .allocator_model import CachingAllocatorModel
@@ -77,6 +78,8 @@ def run_cuda(expandable: bool = False, capacity: int = CAPACITY, timeout: float 
     require_cuda("the fragmentation experiment on a real allocator")
     env = dict(os.environ)
     env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True" if expandable else "expandable_segments:False"
+    package_root = str(Path(__file__).resolve().parents[1])  # vramlab importable even when not pip-installed
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
     args = [sys.executable, "-m", "vramlab.fragmentation", "--capacity", str(capacity)] + (["--expandable"] if expandable else [])
     out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
