@@ -76,12 +76,6 @@ def matmul_param_count(arch: ArchConfig) -> int:
     return groups["attention"] + groups["mlp"] + head
 
 
-def largest_tensor_params(arch: ArchConfig) -> int:
-    """Elements of the largest single parameter tensor."""
-    h = arch.hidden_size
-    return max(arch.vocab_size * h, h * arch.intermediate_size, 3 * h * h if arch.family == "gpt2" else h * h)
-
-
 def param_tensor_shapes(arch: ArchConfig) -> list[tuple[int, ...]]:
     """The shape of every parameter tensor, as transformers builds them (bitsandbytes and
     Adafactor treat tensors by size and shape)."""

@@ -25,7 +25,6 @@ from .storages import tensors_in
 from .tracker import ROLES, StorageTracker, TimelinePoint
 from .units import format_bytes
 
-SOURCES = ("cuda", "cpu-tracked", "dry-run", "formula")
 NOTES = {
     "cpu-tracked": (
         "CPU tracker: bytes of live tensor storages (what CUDA's memory_allocated counts, "

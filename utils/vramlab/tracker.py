@@ -32,7 +32,6 @@ from .units import format_bytes
 
 ROLES: tuple[str, ...] = ("parameters", "gradients", "optimizer", "activations", "other")
 PHASES: tuple[str, ...] = ("before", "forward", "backward", "optimizer")
-CUDA_BLOCK = 512  # the CUDA caching allocator rounds every block up to a multiple of this
 
 
 @dataclass

@@ -87,12 +87,3 @@ def format_bytes(nbytes: int | float, precision: int = 2) -> str:
             return f"{sign}{size / factor:.{precision}f} {unit}"
     return f"{sign}{int(size)} B"
 
-
-def to_gib(nbytes: int | float) -> float:
-    """Bytes to GiB (binary), for plotting."""
-    return float(nbytes) / GiB
-
-
-def to_mib(nbytes: int | float) -> float:
-    """Bytes to MiB (binary), for plotting."""
-    return float(nbytes) / MiB
