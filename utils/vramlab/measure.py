@@ -122,6 +122,9 @@ class measure:
         limit: a budget in bytes; on CPU exceeding it raises ``torch.OutOfMemoryError``
             (use :func:`vramlab.budget` for the CUDA equivalent).
         round_to: round each storage up to this many bytes (512 mimics the CUDA allocator).
+
+    On CUDA the device has one peak counter: a ``measure`` (or ``budget``) nested inside
+    another resets it, so read the outer block's ``current_bytes()``, not its peak, there.
     """
 
     def __init__(
