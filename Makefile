@@ -8,6 +8,7 @@ CONSTRAINTS := requirements/ci-constraints.txt
 STAMP := $(VENV)/.installed
 NOTEBOOKS = $(wildcard chapters/*.ipynb labs/*.ipynb solutions/*.ipynb)
 PORT ?= 8888
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)  # JupyterLab refuses root (containers) without it
 
 .PHONY: lab test install labs strip clean bench
 
@@ -23,7 +24,7 @@ install: $(STAMP)
 
 lab: $(STAMP)
 	@echo "Starting JupyterLab on chapters/00_start_here.ipynb; open the URL it prints (Ctrl-C to stop)."
-	$(BIN)/jupyter lab --no-browser --ip=127.0.0.1 --port=$(PORT) chapters/00_start_here.ipynb
+	$(BIN)/jupyter lab --no-browser --ip=127.0.0.1 --port=$(PORT) $(ROOT_FLAG) --ServerApp.root_dir=$(CURDIR) chapters/00_start_here.ipynb
 
 test: $(STAMP)
 	$(BIN)/python -m vramlab.labs --check
