@@ -150,3 +150,8 @@ def test_8bit_adamw_state_bytes_equal_bitsandbytes():
     pytest.importorskip("bitsandbytes")
     real = realrun(TINY_LLAMA, batch=1, seq=16, optimizer="adamw-8bit")
     assert real.measurement.end_breakdown["optimizer"] == optimizer_state_bytes(TINY_LLAMA, "adamw-8bit")
+
+
+def test_eager_inference_is_refused_rather_than_estimated_wrong():
+    with pytest.raises(ValueError, match="fused"):
+        estimate("gpt2", seq=1024, inference=True, attention="eager")

@@ -39,9 +39,9 @@ class budget:
         self.limit = parse_bytes(size)
         if self.limit <= 0:
             raise ValueError(f"a budget must be more than 0 bytes, got {size!r}")
-        self._measure = measure(*track, device=device, timeline=timeline, limit=None)
+        self._measure = measure(*track, device=device, timeline=timeline)
         self.device = self._measure.device
-        if self.device == "cpu":
+        if self.device == "cpu":  # on CUDA the allocator itself is capped (_cap_cuda)
             self._measure.tracker.limit = self.limit
         self._old_fraction: float | None = None
 

@@ -120,13 +120,13 @@ def optimizer_state_bytes(arch: ArchConfig, optimizer: str, recipe: str = "fp32"
         elif optimizer == "adafactor":
             total += (math.prod(shape[:-1]) + shape[-1]) * p if len(shape) >= 2 else n * p
         elif optimizer == "adamw-8bit":
-            total += _bnb_state_bytes(n, p)
+            total += _bnb_state_bytes(n)
     if optimizer == "adamw-8bit" and any(math.prod(sh) >= BNB_MIN_8BIT_SIZE for sh in shapes):
         total += 2 * 256 * 4  # the two fp32 quantisation maps, shared by every 8-bit tensor
     return total
 
 
-def _bnb_state_bytes(n: int, param_bytes: int) -> int:
+def _bnb_state_bytes(n: int) -> int:
     if n < BNB_MIN_8BIT_SIZE:
         return 2 * n * 4  # 32-bit state for small tensors
     return 2 * (n + 4 * math.ceil(n / BNB_BLOCK))  # two uint8 states and an fp32 absmax per block
@@ -334,6 +334,9 @@ def estimate(
     optimizer = check_optimizer(optimizer)
     if attention not in ATTENTIONS:
         raise ValueError(f"unknown attention {attention!r}; use one of {ATTENTIONS}")
+    if inference and attention == "eager":
+        raise ValueError("the inference estimate models fused (SDPA) attention only; for eager attention "
+                         "measure the prefill with `vramlab dryrun --inference --attention eager`")
     setup = dict(batch=batch, seq=seq, recipe=rec.name, optimizer=optimizer,
                  checkpointing=checkpointing, inference=inference, attention=attention)
     moments = (_inference_moments if inference else _training_moments)(arch, batch, seq, rec, optimizer, checkpointing, attention)
@@ -391,13 +394,13 @@ def _block_backward_moments(arch: ArchConfig, batch: int, seq: int, rec: Recipe,
         2 * c * i,                                                    # MLP: gradients of two of its activations
         6 * 4 * h if (arch.family != "gpt2" and rec.name == "bf16") else 0,  # RMSNorm backward upcast to fp32
         2 * 4 * arch.num_heads * seq if attention == "eager" else 0,  # softmax backward: two seq x seq gradients
-    ) * 1
+    )
     weight_copies = 2 * block_params if amp else 0  # this block's 16-bit weight copies (recomputed under checkpointing)
     weight_grad_cast = 2 * h * i if amp else 0      # a 16-bit weight gradient before its fp32 cast
     head_saved = sum(t.bytes_per_token for t in head_terms(arch, rec.name)) * tokens
     recomputed = layer if checkpointing else 0
     last = _moment(weights, head_grad, activations=acts - head_saved + recomputed,
-                   other=weight_copies * (arch.num_layers if amp and not checkpointing else 1) + weight_grad_cast + working * tokens)
+                   other=weight_copies * (1 if checkpointing else arch.num_layers) + weight_grad_cast + working * tokens)
     saved_first = (checkpoint_input_bytes(arch, rec.name) * tokens if checkpointing else 0) + layer
     first = _moment(weights, grads - embedding_grad - p * block_params, activations=saved_first,
                     other=weight_copies + weight_grad_cast + working * tokens)

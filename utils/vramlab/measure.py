@@ -119,8 +119,6 @@ class measure:
         device: "cpu" or "cuda"; default: where the tracked objects live, else CUDA if
             available, else CPU.
         timeline: record live bytes after every op (``Measurement.timeline``).
-        limit: a budget in bytes; on CPU exceeding it raises ``torch.OutOfMemoryError``
-            (use :func:`vramlab.budget` for the CUDA equivalent).
         round_to: round each storage up to this many bytes (512 mimics the CUDA allocator).
 
     On CUDA the device has one peak counter: a ``measure`` (or ``budget``) nested inside
@@ -132,7 +130,6 @@ class measure:
         *track: Any,
         device: str | None = None,
         timeline: bool = False,
-        limit: int | None = None,
         round_to: int = 1,
     ) -> None:
         self.device = device or _infer_device(track)
@@ -144,7 +141,7 @@ class measure:
             require_cuda("measure(device='cuda')")
         self.track = track
         self.result = Measurement(source=self._source(), device=self.device)
-        self.tracker = StorageTracker(self.device, limit=limit, timeline=timeline, round_to=round_to)
+        self.tracker = StorageTracker(self.device, timeline=timeline, round_to=round_to)
 
     def _source(self) -> str:
         if self.device == "cuda":
