@@ -103,3 +103,11 @@ def test_fits_wrong_models(right):
             lab01.check_fits(fn)
     with pytest.raises(CheckFailed, match="expected True or False"):
         lab01.check_fits(lambda c, b, budget: 1)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), None, "1 MiB"])
+def test_non_numbers_fail_every_count_check(bad):
+    with pytest.raises(CheckFailed, match="expected a number"):
+        lab01.check_param_bytes(lambda c: bad)
+    with pytest.raises(CheckFailed, match="expected a number"):
+        lab01.check_activation_bytes(lambda c, batch: bad)

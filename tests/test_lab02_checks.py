@@ -64,3 +64,17 @@ def test_zeroing_after_the_step_is_explained():
         return []
     with pytest.raises(CheckFailed, match="start of each iteration"):
         lab02.check_train(zero_late)
+
+
+def test_nan_gradients_fail():
+    def nan_grads(model, opt, batches):
+        for ids in batches:
+            opt.zero_grad(set_to_none=True)
+            for chunk in ids.chunk(4):
+                (model.loss(chunk) / 4).backward()
+            for p in model.parameters():
+                p.grad.fill_(float("nan"))
+            opt.step()
+        return []
+    with pytest.raises(CheckFailed, match="differ from the full-batch gradients"):
+        lab02.check_train(nan_grads)

@@ -62,6 +62,25 @@ def relative_error(got: float, want: float) -> float:
     return abs(got - want) / abs(want)
 
 
+def judge_bytes(name: str, got: Any, want: int, rel_tol: float, setup: str, hint: str,
+                explain: Callable[[], str] | None = None) -> CheckResult | None:
+    """``None`` when ``got`` is a finite number of bytes within ``rel_tol`` of ``want``;
+    otherwise the failed report (which raises :class:`CheckFailed`). ``explain`` is called
+    only on failure, for a diagnosis of which part is off."""
+    if isinstance(got, bool) or not isinstance(got, (int, float)) or not math.isfinite(got):
+        return report(name, FAILED, f"expected a number of bytes, got {got!r}. Hint: {hint}")
+    err = relative_error(float(got), float(want))
+    if err > rel_tol:
+        where = explain() if explain else ""
+        return report(
+            name, FAILED,
+            f"for {setup} you predicted {format_bytes(got)} ({int(got):,} B) but vramlab measured "
+            f"{format_bytes(want)} ({int(want):,} B): off by {err:.1%}, more than the {rel_tol:.2%} allowed. "
+            f"{where}Hint: {hint}",
+        )
+    return None
+
+
 def check_bytes(name: str, fn: Callable[..., Any], cases: list[tuple[tuple, dict, int]], rel_tol: float, hint: str) -> CheckResult:
     """Check that ``fn(*args, **kwargs)`` returns a byte count within ``rel_tol`` of the
     measured value for every case ``(args, kwargs, measured_bytes)``.
@@ -74,17 +93,10 @@ def check_bytes(name: str, fn: Callable[..., Any], cases: list[tuple[tuple, dict
         attempted, got = attempt(fn, *args, **kwargs)
         if not attempted:
             return report(name, NOT_ATTEMPTED, "replace the `raise NotImplementedError` with your answer")
-        if isinstance(got, bool) or not isinstance(got, (int, float)) or not math.isfinite(got):
-            return report(name, FAILED, f"expected a number of bytes, got {got!r}. Hint: {hint}")
-        err = relative_error(float(got), float(measured))
-        if err > rel_tol:
-            setup = ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())])
-            return report(
-                name, FAILED,
-                f"for ({setup}) you predicted {format_bytes(got)} ({int(got):,} B) but vramlab measured "
-                f"{format_bytes(measured)} ({int(measured):,} B): off by {err:.1%}, more than the "
-                f"{rel_tol:.0%} allowed. Hint: {hint}",
-            )
+        setup = "(" + ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())]) + ")"
+        failed = judge_bytes(name, got, measured, rel_tol, setup, hint)
+        if failed:
+            return failed
     return report(name, PASSED, f"within {rel_tol:.0%} of the measurement on {len(cases)} set-ups")
 
 

@@ -18,7 +18,7 @@ from ..budget import budget
 from ..gpt import GPTConfig, TinyGPT, random_batch
 from ..measure import measure
 from ..units import format_bytes
-from . import FAILED, NOT_ATTEMPTED, PASSED, CheckResult, attempt, relative_error, report
+from . import FAILED, NOT_ATTEMPTED, PASSED, CheckResult, attempt, judge_bytes, report
 
 CONFIGS = (  # hidden from the lab's text: answers cannot be tuned to them
     GPTConfig(vocab_size=300, seq_len=49, hidden=96, layers=3, heads=4),
@@ -79,14 +79,10 @@ def _check_counts(name: str, fn: Callable[..., int], role: str, hint: str,
         attempted, got = attempt(fn, cfg, **kwargs_for(cfg))
         if not attempted:
             return report(name, NOT_ATTEMPTED, "replace the `raise NotImplementedError` with your answer")
-        if isinstance(got, bool) or not isinstance(got, (int, float)):
-            return report(name, FAILED, f"expected a number of bytes, got {got!r}. Hint: {hint}")
-        want = measured_for(cfg)
-        if relative_error(float(got), float(want)) > TOLERANCE[role]:
-            where = _diagnose(lambda c: fn(c, **kwargs_for(c)), cfg, measured_for)
-            return report(name, FAILED,
-                          f"for {cfg} you predicted {int(got):,} B ({format_bytes(got)}) but the step measured "
-                          f"{int(want):,} B ({format_bytes(want)}). {where}Hint: {hint}")
+        failed = judge_bytes(name, got, measured_for(cfg), TOLERANCE[role], str(cfg), hint,
+                             explain=lambda: _diagnose(lambda c: fn(c, **kwargs_for(c)), cfg, measured_for))
+        if failed:
+            return failed
     return report(name, PASSED, f"matches the measurement on {len(CONFIGS)} configurations you have not seen"
                   + ("" if TOLERANCE[role] == 0 else f" (within {TOLERANCE[role]:.2%})"))
 

@@ -119,8 +119,9 @@ def check_train(train: Callable) -> CheckResult:
     if any(g is None for g in got):
         return report(name, FAILED, "some parameters have no gradient after your loop's first iteration. Hint: zero the "
                       "gradients at the start of each iteration, as the original does, not after the step.")
-    worst = max(((g - w).norm() / w.norm()).item() for g, w in zip(got, want))
-    if worst > GRAD_RTOL:
+    errors = [((g - w).norm() / w.norm()).item() for g, w in zip(got, want)]
+    worst = max(errors)
+    if not all(e <= GRAD_RTOL for e in errors):  # `not <=` also catches NaN, which max() can hide
         return report(name, FAILED, f"your first step's gradients differ from the full-batch gradients by up to {worst:.2%}. "
                       "Hint: with k micro-batches, each micro-batch loss must be divided by k, and every sequence of the "
                       "batch must be used (the effective batch stays 32).")
