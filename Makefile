@@ -17,7 +17,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml $(CONSTRAINTS)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[test,lab,optim]"
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[test,lab,optim,compress]"
 	touch $(STAMP)
 
 install: $(STAMP)

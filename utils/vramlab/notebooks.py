@@ -22,7 +22,8 @@ for _root in (Path.cwd(), Path.cwd().parent):
     if importlib.util.find_spec("vramlab") is None and (_root / "utils" / "vramlab").is_dir():
         sys.path.insert(0, str(_root / "utils"))
 if importlib.util.find_spec("vramlab") is None:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+{REPO_URL}"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q",
+                    "vramlab[optim,compress] @ git+{REPO_URL}"], check=True)
 import vramlab
 print(vramlab.device_info().describe())"""
 

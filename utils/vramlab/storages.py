@@ -51,12 +51,15 @@ def tensors_in(obj: Any) -> Iterator[torch.Tensor]:
     buffers), an optimizer (its state), or a (nested) list/tuple/dict of those."""
     if isinstance(obj, torch.Tensor):
         yield obj
+        yield from _side_tensors(obj)
     elif isinstance(obj, torch.nn.Module):
         for p in obj.parameters():
-            yield p
+            yield from tensors_in(p)
             if p.grad is not None:
                 yield p.grad
         yield from obj.buffers()
+        for module in obj.modules():
+            yield from _side_tensors(getattr(module, "state", None))
     elif isinstance(obj, torch.optim.Optimizer):
         for state in obj.state.values():
             yield from tensors_in(state)
@@ -66,6 +69,25 @@ def tensors_in(obj: Any) -> Iterator[torch.Tensor]:
     elif isinstance(obj, (list, tuple, set)):
         for value in obj:
             yield from tensors_in(value)
+
+
+_SIDE_ATTRS = ("CB", "SCB", "absmax", "code", "offset")
+
+
+def _side_tensors(holder: Any, depth: int = 0) -> Iterator[torch.Tensor]:
+    """Tensors that bitsandbytes attaches to a parameter or module state, not to its data:
+    ``quant_state`` (absmax, code and, with double quantization, a nested ``state2``) and the
+    row scales ``CB``/``SCB`` of 8-bit layers. Other objects yield nothing."""
+    if holder is None or depth > 3:
+        return
+    for name in _SIDE_ATTRS:
+        value = getattr(holder, name, None)
+        if isinstance(value, torch.Tensor):
+            yield value
+    for name in ("quant_state", "state2"):
+        nested = getattr(holder, name, None)
+        if nested is not None and not isinstance(nested, torch.Tensor):
+            yield from _side_tensors(nested, depth + 1)
 
 
 def storage_bytes(objs: Iterable[Any] | Any) -> int:
