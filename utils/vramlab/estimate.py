@@ -337,7 +337,7 @@ def qlora_estimate(model: str | ArchConfig, rank: int = 16, batch: int = 1, seq:
                     activations=activation_bytes(arch, batch, seq, "bf16", checkpointing=checkpointing))
     setup = dict(batch=batch, seq=seq, rank=rank, checkpointing=checkpointing, double_quant=double_quant,
                  recipe="qlora-nf4", optimizer="adamw")
-    moment = "resident across the step"
+    moment = "steady state (weights, adapter state, saved activations)"
     return Estimate(arch.name, param_count(arch), setup, parts, sum(parts.values()), moment,
                     {moment: sum(parts.values())})
 
