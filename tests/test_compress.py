@@ -191,7 +191,8 @@ def test_csr_bytes_and_view_trap():
     w = torch.randn(96, 64)
     w[torch.rand_like(w) < 0.8] = 0
     nnz = int((w != 0).sum())
-    raw = w.to_sparse_csr()
+    with pytest.warns(UserWarning, match="beta"):
+        raw = w.to_sparse_csr()
     assert raw.col_indices().untyped_storage().nbytes() == 2 * 8 * nnz  # a row of the COO indices
     assert storage_bytes(P.to_csr(w)) == nnz * (4 + 8) + (96 + 1) * 8
     assert storage_bytes(P.to_csr(w, torch.int32)) == nnz * (4 + 4) + (96 + 1) * 4

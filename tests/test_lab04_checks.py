@@ -1,0 +1,110 @@
+"""Lab 4's checks: the shipped solution passes, the stub is 'not attempted', models that miss
+the size or the quality bar (or predictions that are off) fail."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from notebook_code import defined_in
+from vramlab import prune as P
+from vramlab import quantize as Q
+from vramlab.checks import CheckFailed, lab04
+from vramlab.labs import make_lab
+from vramlab.notebooks import load
+
+SOLUTION = Path(__file__).resolve().parent.parent / "solutions" / "lab04_shrink_a_real_model.ipynb"
+PRELUDE = ("import copy\nimport torch\nfrom torch import nn\nfrom vramlab import storage_bytes\n"
+           "from vramlab import prune as P\nfrom vramlab import quantize as Q")
+
+
+def answers(nb):
+    scope = defined_in(nb, "def int8_bytes(", "lab04", PRELUDE)
+    scope.update(defined_in(nb, "def shrink(", "lab04", PRELUDE))
+    return scope["int8_bytes"], scope["shrink"]
+
+
+def test_solution_passes_every_check():
+    int8_bytes, shrink = answers(load(SOLUTION))
+    assert lab04.check_int8_prediction(int8_bytes).passed
+    assert lab04.check_size(shrink).passed
+    assert lab04.check_quality(shrink).passed
+
+
+def test_stub_is_not_attempted():
+    int8_bytes, shrink = answers(make_lab(load(SOLUTION)))
+    for check, fn in ((lab04.check_int8_prediction, int8_bytes), (lab04.check_size, shrink), (lab04.check_quality, shrink)):
+        assert check(fn).status == "not attempted yet"
+
+
+def codes_only(model):  # forgets the per-row scale and zero point
+    return sum(p.numel() * (1 if type(m) in (nn.Linear, nn.Embedding) and n == "weight" else p.element_size())
+               for m in model.modules() for n, p in m.named_parameters(recurse=False))
+
+
+def linears_only(model):  # forgets that torchao quantizes the embedding tables too
+    total = 0
+    for m in model.modules():
+        for n, p in m.named_parameters(recurse=False):
+            total += p.numel() + 5 * p.shape[0] if type(m) is nn.Linear and n == "weight" else p.numel() * p.element_size()
+    return total
+
+
+def tuned_to_the_full_model(model):  # right for the full encoder only: fails on the pruned one
+    return lab04.measured_int8_bytes(lab04.fresh_model())
+
+
+@pytest.mark.parametrize("wrong", [codes_only, linears_only, tuned_to_the_full_model, lambda m: float("nan")])
+def test_wrong_predictions_fail(wrong):
+    with pytest.raises(CheckFailed):
+        lab04.check_int8_prediction(wrong)
+
+
+def int8_everywhere(model):
+    return Q.torchao_int8(model, filter_fn=Q.linears_and_embeddings)
+
+
+def nf4_everywhere(model):
+    return Q.torchao_int8(Q.bnb_linears(model, 4), filter_fn=Q.linears_and_embeddings)
+
+
+def prune_hard(model):
+    return int8_everywhere(P.prune_ffn_neurons(model, 0.6))
+
+
+def zeroed(model):  # small enough once quantized, but its output is constant garbage
+    for lin in (m for m in model.modules() if type(m) is nn.Linear):
+        torch.nn.init.zeros_(lin.weight)
+    return nf4_everywhere(model)
+
+
+def nan_model(model):
+    model = nf4_everywhere(model)
+    model.encoder.layer[0].output.LayerNorm.weight.data.fill_(float("nan"))
+    return model
+
+
+def test_too_big_fails_size_but_passes_quality():
+    with pytest.raises(CheckFailed, match="measured 22"):
+        lab04.check_size(int8_everywhere)
+    assert lab04.check_quality(int8_everywhere).passed
+    with pytest.raises(CheckFailed, match="against 20.00 MiB"):
+        lab04.check_size(lambda m: m)  # the fp32 model itself
+
+
+@pytest.mark.parametrize("lossy", [nf4_everywhere, prune_hard, zeroed, nan_model])
+def test_small_but_lossy_fails_quality_and_passes_size(lossy):
+    assert lab04.check_size(lossy).passed
+    with pytest.raises(CheckFailed, match="held-out mean cosine"):
+        lab04.check_quality(lossy)
+
+
+def test_returning_something_else_fails_clearly():
+    with pytest.raises(CheckFailed, match="must return the compressed encoder"):
+        lab04.check_size(lambda m: None)
+
+
+def test_int8_prediction_helper_matches_measurement():
+    model = lab04.fresh_model()
+    assert lab04.measured_int8_bytes(model) < P.module_bytes(model) / 3

@@ -1,0 +1,124 @@
+"""Checks of Lab 4, *Shrink a real model*.
+
+The learner writes ``int8_bytes(model) -> int`` (a prediction of MiniLM's bytes once every
+``nn.Linear`` and ``nn.Embedding`` is int8 with torchao) and ``shrink(model) -> nn.Module``
+(any compression of a fresh fp32 all-MiniLM-L6-v2 encoder). The checks:
+
+- ``check_int8_prediction``: the prediction equals the measured bytes, to the byte, for two
+  different models (the full encoder and one with a quarter of its FFN neurons removed).
+- ``check_size``: the returned model's measured bytes are at most ``TARGET_BYTES``.
+- ``check_quality``: its sentence embeddings of the *held-out* sentences have a mean cosine
+  similarity of at least ``MIN_COSINE`` to the fp32 model's.
+
+Both numbers are measured on the model ``shrink`` returns: its storages (tensor subclasses
+flattened, bitsandbytes' constants and pruning masks included) and its own forward pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .. import minilm
+from ..prune import module_bytes, prune_ffn_neurons
+from ..quantize import linears_and_embeddings, torchao_int8
+from ..units import MiB, format_bytes
+from . import FAILED, NOT_ATTEMPTED, PASSED, CheckResult, attempt, judge_bytes, report
+
+TARGET_BYTES = 20 * MiB
+MIN_COSINE = 0.98
+
+
+@functools.lru_cache(maxsize=1)
+def _loaded() -> minilm.MiniLM:
+    return minilm.load()
+
+
+def fresh_model() -> nn.Module:
+    """A new fp32 all-MiniLM-L6-v2 encoder (a copy: changing it changes nothing else)."""
+    return copy.deepcopy(_loaded().model)
+
+
+def tokenizer():  # noqa: ANN201 - a transformers tokenizer
+    """The MiniLM tokenizer the checks embed with."""
+    return _loaded().tokenizer
+
+
+@functools.lru_cache(maxsize=1)
+def _reference() -> torch.Tensor:
+    return minilm.embed(_loaded().model, tokenizer(), minilm.sentences("heldout"))
+
+
+def measured_int8_bytes(model: nn.Module) -> int:
+    """Bytes of ``model`` after torchao int8 on every Linear and Embedding (measured on a copy)."""
+    return module_bytes(torchao_int8(copy.deepcopy(model), filter_fn=linears_and_embeddings))
+
+
+def check_int8_prediction(int8_bytes: Callable[[nn.Module], int]) -> CheckResult:
+    """``int8_bytes(model)`` equals the measured bytes for the full and a pruned encoder."""
+    name = "predict the bytes of int8 MiniLM"
+    hint = ("every Linear and Embedding weight becomes one int8 byte per value plus, per row, an fp32 scale "
+            "and an int8 zero point; everything else (biases, LayerNorm) stays fp32")
+    cases = {"the full encoder": fresh_model(), "the encoder with 25 % of its FFN neurons removed":
+             prune_ffn_neurons(fresh_model(), 0.25)}
+    for setup, model in cases.items():
+        attempted, got = attempt(int8_bytes, copy.deepcopy(model))
+        if not attempted:
+            return report(name, NOT_ATTEMPTED, "replace the `raise NotImplementedError` in int8_bytes")
+        failed = judge_bytes(name, got, measured_int8_bytes(model), 0.0, setup, hint)
+        if failed:
+            return failed
+    return report(name, PASSED, f"exact to the byte on {len(cases)} models")
+
+
+def _shrunk(shrink: Callable[[nn.Module], nn.Module], name: str) -> tuple[nn.Module | None, CheckResult | None]:
+    attempted, model = attempt(shrink, fresh_model())
+    if not attempted:
+        return None, report(name, NOT_ATTEMPTED, "replace the `raise NotImplementedError` in shrink")
+    if not isinstance(model, nn.Module):
+        return None, report(name, FAILED, f"shrink must return the compressed encoder (an nn.Module), got {type(model).__name__}")
+    return model, None
+
+
+def check_size(shrink: Callable[[nn.Module], nn.Module]) -> CheckResult:
+    """The model ``shrink`` returns measures at most ``TARGET_BYTES``."""
+    name = f"measured size at most {format_bytes(TARGET_BYTES)}"
+    model, verdict = _shrunk(shrink, name)
+    if verdict:
+        return verdict
+    got = module_bytes(model)
+    text = f"measured {format_bytes(got)} ({got:,} B) against {format_bytes(TARGET_BYTES)}"
+    if got > TARGET_BYTES:
+        return report(name, FAILED, text + ". Hint: the token embedding is half of MiniLM; what else can go below 8 bits?")
+    return report(name, PASSED, text)
+
+
+def held_out_cosine(model: nn.Module) -> float:
+    """Mean cosine similarity of ``model``'s held-out sentence embeddings to the fp32 model's."""
+    return minilm.mean_cosine(minilm.embed(model, tokenizer(), minilm.sentences("heldout")), _reference())
+
+
+def check_quality(shrink: Callable[[nn.Module], nn.Module]) -> CheckResult:
+    """The model ``shrink`` returns keeps a held-out mean cosine of at least ``MIN_COSINE``."""
+    name = f"held-out mean cosine at least {MIN_COSINE}"
+    model, verdict = _shrunk(shrink, name)
+    if verdict:
+        return verdict
+    try:
+        cos = held_out_cosine(model)
+    except ValueError as err:
+        return report(name, FAILED, f"{err} Hint: run your model on a few sentences before returning it")
+    except Exception as err:  # a model that cannot embed sentences fails with its own message
+        return report(name, FAILED, f"embedding the held-out sentences raised {type(err).__name__}: {err}")
+    text = f"mean cosine {cos:.4f} on {len(minilm.sentences('heldout'))} held-out sentences"
+    if not cos >= MIN_COSINE:
+        return report(name, FAILED, text + ". Hint: 4-bit codes everywhere cost too much; keep the most sensitive layers at 8 bits")
+    return report(name, PASSED, text)
+
+
+__all__ = ["MIN_COSINE", "PASSED", "FAILED", "TARGET_BYTES", "check_int8_prediction", "check_quality", "check_size",
+           "fresh_model", "held_out_cosine", "measured_int8_bytes", "tokenizer"]
