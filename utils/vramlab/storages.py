@@ -23,7 +23,9 @@ def real_storages(tensor: torch.Tensor) -> Iterator[torch.UntypedStorage]:
     if is_traceable_wrapper_subclass(tensor):
         names, _ = tensor.__tensor_flatten__()
         for name in names:
-            yield from real_storages(getattr(tensor, name))
+            inner = getattr(tensor, name)
+            if isinstance(inner, torch.Tensor):  # skip non-tensor entries (a DTensor's mesh, for one)
+                yield from real_storages(inner)
         return
     if tensor.layout == torch.sparse_coo:
         yield from real_storages(tensor._indices())

@@ -1,0 +1,29 @@
+"""Rank functions for tests/test_distributed.py (spawned processes must import them)."""
+
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+
+def rank_info(rank):
+    """Each rank sums its rank over the group and reports its pid."""
+    t = torch.tensor([float(rank.rank)])
+    dist.all_reduce(t)
+    return {"rank": rank.rank, "world": rank.world_size, "sum": float(t), "pid": os.getpid(), "backend": rank.backend}
+
+
+def fail_on_one(rank):
+    """Rank 1 raises; rank 0 waits in a collective that rank 1 never reaches."""
+    if rank.rank == 1:
+        raise ValueError("deliberate failure on rank 1")
+    dist.barrier()
+    return os.getpid()
+
+
+def hang(rank, pid_file):
+    """Every rank records its pid, then sleeps far past any test timeout."""
+    with open(f"{pid_file}.{rank.rank}", "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(600)

@@ -1,0 +1,105 @@
+"""The rank launcher (results, failures, timeouts, cleanup), traffic counting, the
+parallel rank functions and the ZeRO/planner arithmetic."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+import rank_helpers
+import vramlab.estimate  # noqa: F401
+from vramlab import parallel as PL
+from vramlab.distributed import Rank, RankFailed, RanksTimedOut, launch, ring_traffic_bytes
+from vramlab.gpt import GPTConfig
+from vramlab.planner import DEVICE_SIZES, first_fit
+
+E = sys.modules["vramlab.estimate"]
+CFG = dict(vocab_size=64, seq_len=17, hidden=64, layers=2, heads=4)
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_launch_returns_every_rank_in_order():
+    results = launch(rank_helpers.rank_info, 2, timeout_s=60)
+    assert [r["rank"] for r in results] == [0, 1] and all(r["sum"] == 1.0 and r["world"] == 2 for r in results)
+    assert results[0]["backend"] == "gloo" and not any(alive(r["pid"]) for r in results)
+
+
+def test_a_failing_rank_is_named_and_no_process_survives():
+    with pytest.raises(RankFailed, match="rank 1 failed: ValueError: deliberate failure on rank 1"):
+        launch(rank_helpers.fail_on_one, 2, timeout_s=60)
+
+
+def test_timeout_kills_every_rank(tmp_path):
+    pid_file = str(tmp_path / "pid")
+    with pytest.raises(RanksTimedOut, match="longer than 8 s"):
+        launch(rank_helpers.hang, 2, args=(pid_file,), timeout_s=8)
+    pids = [int(open(f"{pid_file}.{r}").read()) for r in range(2)]
+    assert not any(alive(p) for p in pids)
+
+
+def test_notebook_functions_and_bad_arguments_are_refused():
+    def local(rank):
+        return rank
+    with pytest.raises(ValueError, match="cannot import it"):
+        launch(local, 2)
+    with pytest.raises(ValueError, match="world_size"):
+        launch(rank_helpers.rank_info, 0)
+    with pytest.raises(ValueError, match="timeout_s"):
+        launch(rank_helpers.rank_info, 2, timeout_s=-1)
+
+
+def test_strategies_measured_per_rank_and_losses_equal_one_process():
+    runs = launch(PL.compare, 2, args=(["ddp", "fsdp"], CFG, 2, 2), timeout_s=120)
+    ddp, fsdp = runs[0]
+    params = GPTConfig(**CFG).params
+    assert ddp["param_bytes"] == ddp["grad_bytes"] == 4 * params and ddp["optimizer_bytes"] >= 8 * params
+    assert fsdp["param_bytes"] == pytest.approx(2 * params, rel=0.02) and fsdp["grad_bytes"] == fsdp["param_bytes"]
+    assert ddp["comm_bytes_per_step"]["all-reduce"] == 4 * params               # the gradients, once
+    assert fsdp["comm_bytes_per_step"]["all-gather"] == 2 * fsdp["param_bytes"]  # shards gathered twice
+    solo = PL.train(Rank(0, 1, torch.device("cpu"), "none"), "single", CFG, 4, 2)
+    for run in (ddp, fsdp):
+        assert run["losses"] == pytest.approx(solo["losses"], rel=1e-5)
+
+
+def test_tensor_parallel_mlp_equals_the_whole_one():
+    ranks = launch(PL.tensor_parallel_mlp, 2, args=(32, 128, 16), timeout_s=60)
+    whole = PL.tensor_parallel_mlp(Rank(0, 1, torch.device("cpu"), "none"), 32, 128, 16, sharded=False)
+    for r in ranks:
+        assert r["max_abs_diff"] < 1e-5 and r["comm_bytes"] == {"all-reduce": 16 * 32 * 4}
+        assert r["weight_bytes"] == (whole["weight_bytes"] - 4 * 32) // 2 + 4 * 32
+
+
+def test_unknown_strategy_and_pipeline_arguments():
+    with pytest.raises(ValueError, match="unknown strategy"):
+        PL.check_strategy("zero4")
+    with pytest.raises(ValueError, match="exactly 2 stages"):
+        PL.pipeline(Rank(0, 1, torch.device("cpu"), "none"), 4, 16, 8, 2)
+
+
+def test_ring_traffic():
+    assert ring_traffic_bytes({"all-reduce": 100}, 2) == 100
+    assert ring_traffic_bytes({"all-gather": 50, "reduce-scatter": 100}, 2) == 100
+    with pytest.raises(ValueError, match="unknown collective"):
+        ring_traffic_bytes({"gossip": 1}, 2)
+
+
+@pytest.mark.parametrize("stage, want", [(0, (400, 400, 800)), (1, (400, 400, 200)), (2, (400, 100, 200)), (3, (100, 100, 200))])
+def test_zero_bytes_per_rank(stage, want):
+    got = E.zero_bytes_per_rank(100, 4, stage)
+    assert (got["parameters"], got["gradients"], got["optimizer"]) == want
+    with pytest.raises(ValueError):
+        E.zero_bytes_per_rank(100, 4, 4)
+
+
+def test_planner_ladder():
+    assert str(first_fit("gpt2", DEVICE_SIZES["16 GB"])) == "bf16 mixed precision"
+    seven = [first_fit("llama-2-7b", size).devices for size in DEVICE_SIZES.values()]
+    assert seven == sorted(seven, reverse=True) and seven[-1] == 1

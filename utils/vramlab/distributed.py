@@ -1,0 +1,199 @@
+"""Start ranks of ``torch.distributed`` from a notebook, and always clean them up.
+
+:func:`launch` spawns ``world_size`` processes, joins them into one process group (gloo on
+CPUs, NCCL when there is one GPU per rank: the same code, the backend picked at run time),
+calls ``fn(rank, *args)`` in each, and returns what every rank returned. If a rank raises,
+the others are killed and :class:`RankFailed` says which rank failed and why; if the ranks
+run past ``timeout_s``, all are killed and :class:`RanksTimedOut` is raised. No process
+outlives the call, even when the notebook cell is interrupted.
+
+The rank function must be importable (defined in a module, not in a notebook cell): the
+processes are started with "spawn", which imports it afresh in each process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .device import has_cuda
+
+
+class RankFailed(RuntimeError):
+    """A rank raised; the message names the rank and carries its error."""
+
+
+class RanksTimedOut(RuntimeError):
+    """The ranks ran past the timeout and were killed."""
+
+
+@dataclass(frozen=True)
+class Rank:
+    """What a rank function is given: its rank, the world size, its device and the backend."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    backend: str
+
+
+def pick_backend(world_size: int) -> str:
+    """NCCL when there is a CUDA GPU for every rank, gloo (CPU tensors) otherwise."""
+    if has_cuda() and dist.is_nccl_available() and torch.cuda.device_count() >= world_size:
+        return "nccl"
+    return "gloo"
+
+
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _entry(index: int, fn: Callable[..., Any], world_size: int, port: int, backend: str, outdir: str,
+           timeout_s: float, args: tuple) -> None:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    device = torch.device("cuda", index) if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=index, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        result = fn(Rank(index, world_size, device, backend), *args)
+        torch.save(result, Path(outdir) / f"rank{index}.pt")
+    except BaseException as err:  # record when and why, so the parent can name the first failure
+        (Path(outdir) / f"rank{index}.err").write_text(f"{time.time()!r}\n{type(err).__name__}: {err}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(fn: Callable[..., Any], world_size: int = 2, args: tuple = (), timeout_s: float = 120.0,
+           backend: str | None = None) -> list[Any]:
+    """Run ``fn(Rank, *args)`` on ``world_size`` new processes; return the ranks' results, in
+    rank order. Results must be picklable (numbers, dicts, CPU tensors)."""
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}.")
+    if not timeout_s or timeout_s <= 0:
+        raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}.")
+    if getattr(fn, "__module__", "__main__") == "__main__" or "<locals>" in getattr(fn, "__qualname__", ""):
+        raise ValueError(f"{getattr(fn, '__name__', fn)!r} is defined in the notebook (or inside a function): spawned "
+                         "processes cannot import it. Put the rank function in a module (vramlab.parallel has the course's).")
+    backend = backend or pick_backend(world_size)
+    outdir = tempfile.mkdtemp(prefix="vramlab-ranks-")
+    context = torch.multiprocessing.start_processes(
+        _entry, args=(fn, world_size, free_port(), backend, outdir, timeout_s, args), nprocs=world_size,
+        join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not _join(context, 0.5, outdir):
+            if time.monotonic() > deadline:
+                raise RanksTimedOut(f"{world_size} ranks ran longer than {timeout_s:.0f} s and were killed. "
+                                    "A rank may be waiting in a collective another rank never reached.")
+        return [torch.load(Path(outdir) / f"rank{i}.pt", weights_only=False) for i in range(world_size)]
+    finally:
+        _kill(context)
+        shutil.rmtree(outdir, ignore_errors=True)
+
+
+def _join(context: Any, timeout: float, outdir: str) -> bool:
+    try:
+        return bool(context.join(timeout=timeout))
+    except torch.multiprocessing.ProcessRaisedException as err:
+        rank, first = _first_failure(outdir, err.error_index, str(err).strip().splitlines()[-1])
+        others = "" if rank == err.error_index else f" (rank {err.error_index} then failed because rank {rank} was gone)"
+        raise RankFailed(f"rank {rank} failed: {first}{others}\n\n{err}") from None
+    except torch.multiprocessing.ProcessExitedException as err:
+        raise RankFailed(f"rank {err.error_index} exited with code {err.exit_code} (killed, or out of memory?)") from None
+
+
+def _first_failure(outdir: str, rank: int, message: str) -> tuple[int, str]:
+    """The rank whose error came first (a dead rank makes its peers fail in collectives)."""
+    time.sleep(0.5)  # let the peers' error records land
+    records = []
+    for path in Path(outdir).glob("rank*.err"):
+        stamp, _, text = path.read_text().partition("\n")
+        records.append((float(stamp), int(path.stem[4:]), text))
+    return (min(records)[1], min(records)[2]) if records else (rank, message)
+
+
+def _kill(context: Any) -> None:
+    for process in context.processes:
+        if process.is_alive():
+            process.kill()
+        process.join(timeout=5)
+
+
+# ----------------------------------------------------------------------- counting traffic
+COLLECTIVES = {"allreduce_": "all-reduce", "allreduce_coalesced_": "all-reduce",
+               "allgather_into_tensor_coalesced_": "all-gather", "_allgather_base_": "all-gather",
+               "allgather_": "all-gather", "reduce_scatter_tensor_coalesced_": "reduce-scatter",
+               "_reduce_scatter_base_": "reduce-scatter", "reduce_scatter_": "reduce-scatter",
+               "broadcast_": "broadcast", "send": "send", "recv_": "recv"}
+
+
+class CommCounter(TorchDispatchMode):
+    """Count the payload of every c10d collective a rank issues (DDP, ZeRO and FSDP included),
+    by kind. Payload = bytes of the tensors the rank hands to the collective: for all-reduce
+    and broadcast the buffer, for all-gather the rank's input shard, for reduce-scatter the
+    full input. ``bytes`` maps kind -> bytes; ``calls`` maps kind -> count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes: dict[str, int] = {}
+        self.calls: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        namespace, name = func.namespace, func._opname
+        if namespace == "c10d" and name in COLLECTIVES:
+            kind = COLLECTIVES[name]
+            payload = _payload(kind, name, args)
+            self.bytes[kind] = self.bytes.get(kind, 0) + payload
+            self.calls[kind] = self.calls.get(kind, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in _tensors(item)]
+    return []
+
+
+def _payload(kind: str, name: str, args: tuple) -> int:
+    # argument 0 is the output for all-gather ops and the input(s) otherwise, except
+    # reduce_scatter_tensor_coalesced_(outputs, inputs, ...) and _reduce_scatter_base_(output, input, ...)
+    if kind == "all-gather":
+        source = args[1]
+    elif kind == "reduce-scatter":
+        source = args[1]
+    else:
+        source = args[0]
+    return sum(t.numel() * t.element_size() for t in _tensors(source))
+
+
+def ring_traffic_bytes(payload: dict[str, int], world_size: int) -> int:
+    """Bytes one rank sends for the counted ``payload`` (from :class:`CommCounter`) with ring
+    algorithms: all-reduce of N bytes sends 2(W-1)/W·N, reduce-scatter of an N-byte input
+    (W-1)/W·N, all-gather of an N-byte shard (W-1)·N, broadcast of N bytes at most N."""
+    w = world_size
+    factors = {"all-reduce": 2 * (w - 1) / w, "reduce-scatter": (w - 1) / w, "all-gather": float(w - 1),
+               "broadcast": 1.0, "send": 1.0, "recv": 0.0}
+    unknown = set(payload) - set(factors)
+    if unknown:
+        raise ValueError(f"unknown collective kinds {sorted(unknown)}")
+    return int(sum(factors[k] * v for k, v in payload.items()))

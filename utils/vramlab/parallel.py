@@ -1,0 +1,265 @@
+"""Rank functions for chapters 14-15 and Lab 5: each runs on every rank under
+:func:`vramlab.distributed.launch` and measures that rank's own memory with vramlab.
+
+- :func:`train` - a TinyGPT training run under one strategy: "single" (no parallelism),
+  "ddp", "zero1" (DDP + ``ZeroRedundancyOptimizer``), "zero2" (FSDP2 ``fully_shard`` with
+  ``reshard_after_forward=False``: gradients and optimizer state sharded, parameters kept
+  gathered between forward and backward) or "fsdp" (``fully_shard``: parameters too, ZeRO-3).
+- :func:`tensor_parallel_mlp` - a column-parallel then row-parallel MLP (Megatron-style).
+- :func:`pipeline` - a 2-stage pipeline over micro-batches (GPipe schedule), with the
+  bubble measured from each stage's busy time.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .budget import budget
+from .distributed import CommCounter, Rank
+from .gpt import GPTConfig, TinyGPT, pattern_batch
+from .measure import measure
+from .storages import storage_bytes
+
+STRATEGIES = ("single", "ddp", "zero1", "zero2", "fsdp")
+
+
+class LossModel(nn.Module):
+    """Wraps TinyGPT so that ``forward(ids)`` returns the loss (DDP and FSDP hook forward)."""
+
+    def __init__(self, gpt: TinyGPT) -> None:
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.gpt.loss(ids)
+
+
+def check_strategy(strategy: str) -> str:
+    """Return ``strategy`` or raise a ValueError listing the known ones."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
+    return strategy
+
+
+def wrap(model: LossModel, strategy: str, lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """Apply ``strategy`` to ``model`` (on this rank) and build its AdamW optimizer."""
+    check_strategy(strategy)
+    if strategy in ("ddp", "zero1"):
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model)
+    if strategy in ("zero2", "fsdp"):
+        from torch.distributed.fsdp import fully_shard
+
+        reshard = strategy == "fsdp"
+        for block in model.gpt.blocks:
+            fully_shard(block, reshard_after_forward=reshard)
+        fully_shard(model, reshard_after_forward=reshard)
+    if strategy == "zero1":
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return model, ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=lr, foreach=True)
+    return model, torch.optim.AdamW(model.parameters(), lr=lr, foreach=True)
+
+
+def rank_batches(cfg: GPTConfig, batch: int, steps: int, rank: int, world: int) -> list[torch.Tensor]:
+    """This rank's slice of each step's global batch of ``batch * world`` sequences (the
+    same global batches for every world size, so runs are comparable)."""
+    return [pattern_batch(cfg, batch * world, seed=1000 + s)[rank * batch:(rank + 1) * batch] for s in range(steps)]
+
+
+def train(rank: Rank, strategy: str, cfg: dict[str, Any], batch: int, steps: int = 2, lr: float = 3e-3,
+          limit: int | None = None, checkpointing: bool = False, timeline: bool = False) -> dict[str, Any]:
+    """Train TinyGPT(cfg) for ``steps`` steps of ``batch`` sequences per rank; measure this rank.
+
+    "single" ignores the other ranks (each runs the whole model on its own slice; use world
+    size 1 for a true single-process reference). ``limit`` (bytes) runs the steps under
+    :func:`vramlab.budget`; an out-of-memory error is returned, not raised, so every rank
+    reports. Returns peak and breakdown (bytes), local parameter/gradient/optimizer bytes,
+    collective payload bytes per step, mean global loss per step, seconds per step.
+    """
+    torch.manual_seed(0)  # the same initial weights on every rank
+    gpt = TinyGPT(GPTConfig(**cfg)).to(rank.device)
+    if checkpointing:
+        gpt.set_checkpointing(every=1)
+    model, opt = wrap(LossModel(gpt), strategy, lr)
+    world = 1 if strategy == "single" else rank.world_size
+    batches = [b.to(rank.device) for b in rank_batches(gpt.cfg, batch, steps, 0 if strategy == "single" else rank.rank, world)]
+    losses: list[float] = []
+    counter = CommCounter()
+    guard = budget(limit, model, opt, batches, timeline=timeline) if limit else measure(model, opt, batches, timeline=timeline)
+    error = ""
+    start = time.perf_counter()
+    try:
+        with guard as m, counter:
+            for ids in batches:
+                opt.zero_grad(set_to_none=True)
+                loss = model(ids)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+    except torch.OutOfMemoryError as err:
+        error = str(err).split(". Free tensors")[0]
+    seconds = (time.perf_counter() - start) / steps
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if strategy != "single" and len(losses) == steps:
+        mean = torch.tensor(losses, dtype=torch.float64)
+        dist.all_reduce(mean)
+        losses = (mean / rank.world_size).tolist()
+    return {
+        "rank": rank.rank, "strategy": strategy, "backend": rank.backend, "device": str(rank.device),
+        "peak_bytes": m.peak_bytes, "breakdown": dict(m.breakdown), "error": error,
+        "end_bytes": m.end_bytes, "param_bytes": storage_bytes(list(model.parameters())), "grad_bytes": storage_bytes(grads),
+        "optimizer_bytes": storage_bytes(opt) if strategy != "zero1" else storage_bytes(opt.optim),
+        "comm_bytes_per_step": {k: v // steps for k, v in counter.bytes.items()},
+        "comm_calls_per_step": {k: v // steps for k, v in counter.calls.items()},
+        "losses": losses, "seconds_per_step": seconds,
+        "timeline": [(p.live_bytes, p.phase) for p in m.timeline] if timeline and m.timeline else [],
+    }
+
+
+def compare(rank: Rank, strategies: list[str], cfg: dict[str, Any], batch: int, steps: int = 2,
+            timeline: bool = False) -> list[dict[str, Any]]:
+    """:func:`train` under each strategy in turn, in one set of processes (spawning costs seconds)."""
+    return [train(rank, s, cfg, batch, steps, timeline=timeline) for s in strategies]
+
+
+# ------------------------------------------------------------------ tensor parallelism
+class ShardedMLP(nn.Module):
+    """x -> gelu(x W1_r^T + b1_r) W2_r^T, summed over ranks, + b2. Rank r holds rows r of W1
+    (column parallel) and the matching columns of W2 (row parallel): one all-reduce forward,
+    one backward (autograd-aware ``torch.distributed.nn.functional.all_reduce``)."""
+
+    def __init__(self, full: nn.Sequential, rank: int, world: int) -> None:
+        super().__init__()
+        up, down = full[0], full[2]
+        rows = up.out_features // world
+        part = slice(rank * rows, (rank + 1) * rows)
+        self.up = nn.Linear(up.in_features, rows)
+        self.down = nn.Linear(rows, down.out_features, bias=False)
+        with torch.no_grad():
+            self.up.weight.copy_(up.weight[part])
+            self.up.bias.copy_(up.bias[part])
+            self.down.weight.copy_(down.weight[:, part])
+        self.bias = nn.Parameter(down.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return SumAcrossRanks.apply(self.down(torch.nn.functional.gelu(self.up(x)))) + self.bias
+
+
+class SumAcrossRanks(torch.autograd.Function):
+    """Megatron's "g": forward sums the ranks' partial outputs (all-reduce); backward passes
+    the gradient through unchanged, because each partial contributes to the sum with weight 1."""
+
+    @staticmethod
+    def forward(ctx: Any, partial: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
+        total = partial.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
+        return grad
+
+
+def mlp(hidden: int, ffn: int) -> nn.Sequential:
+    """The full (unsharded) MLP, seeded so every rank builds the same one."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(hidden, ffn), nn.GELU(), nn.Linear(ffn, hidden))
+
+
+def tensor_parallel_mlp(rank: Rank, hidden: int, ffn: int, tokens: int, sharded: bool = True) -> dict[str, Any]:
+    """One forward+backward of the MLP on ``tokens`` tokens: sharded across the ranks (or the
+    whole MLP on every rank, ``sharded=False``). Returns this rank's weight bytes, peak,
+    activation bytes at the peak, and the output's largest difference from the full MLP."""
+    full = mlp(hidden, ffn).to(rank.device)
+    model = ShardedMLP(full, rank.rank, rank.world_size).to(rank.device) if sharded else full
+    torch.manual_seed(1)
+    x = torch.randn(tokens, hidden, device=rank.device)
+    counter = CommCounter()
+    with measure(model, x) as m, counter:
+        y = model(x)
+        y.square().mean().backward()
+    with torch.no_grad():
+        diff = float((y.detach() - full(x)).abs().max())
+    return {"rank": rank.rank, "weight_bytes": storage_bytes(list(model.parameters())), "peak_bytes": m.peak_bytes,
+            "activation_bytes": m.breakdown["activations"], "max_abs_diff": diff, "comm_bytes": dict(counter.bytes)}
+
+
+# ------------------------------------------------------------------ pipeline parallelism
+def stage(layers: int, hidden: int, seed: int) -> nn.Sequential:
+    """``layers`` residual MLP blocks (Linear-GELU-Linear), seeded per stage."""
+    torch.manual_seed(seed)
+    return nn.Sequential(*(nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 4 * hidden), nn.GELU(),
+                                         nn.Linear(4 * hidden, hidden)) for _ in range(layers)))
+
+
+def _run_stage(blocks: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    for block in blocks:
+        x = x + block(x)
+    return x
+
+
+def pipeline(rank: Rank, layers: int, hidden: int, batch: int, micro_batches: int, repeats: int = 3) -> dict[str, Any]:
+    """GPipe on 2 ranks: rank 0 runs the first ``layers // 2`` blocks, rank 1 the rest and the
+    loss. All micro-batches go forward (activations sent 0 -> 1), then backward (gradients
+    sent 1 -> 0). Returns this rank's weight bytes, peak, busy and total seconds per step
+    (median of ``repeats``), and the measured bubble fraction 1 - busy / total."""
+    if rank.world_size != 2:
+        raise ValueError("this pipeline has exactly 2 stages: launch it with world_size=2")
+    if batch % micro_batches:
+        raise ValueError(f"batch ({batch}) must split into {micro_batches} equal micro-batches")
+    blocks = stage(layers // 2, hidden, seed=rank.rank).to(rank.device)
+    torch.manual_seed(2)
+    data = torch.randn(batch, hidden, device=rank.device)
+    size = batch // micro_batches
+    timings = []
+    for _ in range(repeats + 1):  # the first step warms up
+        dist.barrier()
+        busy, start = 0.0, time.perf_counter()
+        with measure(blocks) as m:
+            inputs, outputs = [], []
+            for i in range(micro_batches):
+                if rank.rank == 0:
+                    x = data[i * size:(i + 1) * size]
+                else:
+                    x = torch.empty(size, hidden, device=rank.device)
+                    dist.recv(x, src=0)
+                    x.requires_grad_(True)
+                t = time.perf_counter()
+                y = _run_stage(blocks, x)
+                if rank.rank == 1:
+                    y = y.square().mean() / micro_batches
+                busy += time.perf_counter() - t
+                if rank.rank == 0:
+                    dist.send(y.detach(), dst=1)
+                inputs.append(x)
+                outputs.append(y)
+            for i in reversed(range(micro_batches)):
+                t = time.perf_counter()
+                if rank.rank == 1:
+                    outputs[i].backward()
+                    busy += time.perf_counter() - t
+                    dist.send(inputs[i].grad, dst=0)
+                else:
+                    grad = torch.empty_like(outputs[i])
+                    dist.recv(grad, src=1)
+                    t = time.perf_counter()
+                    outputs[i].backward(grad)
+                    busy += time.perf_counter() - t
+            del inputs, outputs
+            dist.barrier()  # the step ends when the last stage is done: idle tails count as bubble
+        timings.append((busy, time.perf_counter() - start, m.peak_bytes))
+    busy, total, peak = sorted(timings[1:], key=lambda t: t[1])[len(timings[1:]) // 2]
+    return {"rank": rank.rank, "weight_bytes": storage_bytes(list(blocks.parameters())), "peak_bytes": peak,
+            "busy_s": busy, "total_s": total, "bubble": 1 - busy / total}
+
+
+def pipelines(rank: Rank, layers: int, hidden: int, batch: int, micro_batch_counts: list[int]) -> list[dict[str, Any]]:
+    """:func:`pipeline` for each number of micro-batches, in one set of processes."""
+    return [pipeline(rank, layers, hidden, batch, m) for m in micro_batch_counts]

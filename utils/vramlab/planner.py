@@ -1,0 +1,73 @@
+"""Which recipe first fits a training job on a given GPU, and on how many: a decision guide
+built from vramlab's formulas (source "formula": estimates, not measurements).
+
+The ladder, cheapest first: mixed precision (amp-bf16, AdamW) on one device; + activation
+checkpointing; + 8-bit AdamW; then ZeRO-3/FSDP over 2, 4, ... devices with checkpointing.
+Per device under ZeRO-3: see :func:`zero3_bytes_per_device`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .estimate import activation_bytes, estimate, linear_shapes, param_count, zero_bytes_per_rank
+from .hardware import CONTEXT_HEADROOM, fits
+from .models import get_arch
+from .units import MiB
+
+DEVICE_SIZES = {  # nvidia-smi totals of typical cards sold as this many GB
+    "16 GB": 15360 * MiB,   # T4, V100-16GB
+    "24 GB": 23028 * MiB,   # A10G, L4 (22.5 GiB usable), RTX 4090
+    "40 GB": 40960 * MiB,   # A100 40GB
+    "80 GB": 81920 * MiB,   # A100/H100 80GB
+}
+MAX_DEVICES = 64
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The first recipe that fits: its name, how many devices, and bytes per device."""
+
+    recipe: str
+    devices: int
+    bytes_per_device: int
+
+    def __str__(self) -> str:
+        if not self.devices:
+            return f"> {MAX_DEVICES} devices"
+        return self.recipe if self.devices == 1 else f"{self.recipe} x{self.devices}"
+
+
+def zero3_bytes_per_device(model: str, devices: int, batch: int, seq: int) -> int:
+    """Formula bytes per device of amp-bf16 AdamW training with checkpointing under ZeRO-3:
+    fp32 weights, gradients and AdamW state plus the foreach step's temporary, all sharded
+    (20 bytes per parameter / N); the checkpointed block inputs; one block's activations
+    rebuilt in backward, counted twice for its gradients; two blocks' bf16 weights gathered."""
+    arch = get_arch(model)
+    full = activation_bytes(arch, batch, seq, "amp-bf16")
+    kept = activation_bytes(arch, batch, seq, "amp-bf16", checkpointing=True)
+    one_block = 2 * (full - kept) // arch.num_layers
+    gathered = 2 * 2 * sum(o * i for o, i in linear_shapes(arch).values())
+    sharded = sum(zero_bytes_per_rank(param_count(arch), devices, 3, 4, 4, 12).values())
+    return sharded + kept + one_block + gathered
+
+
+def first_fit(model: str, device_bytes: int, batch: int = 1, seq: int = 2048,
+              headroom: int = CONTEXT_HEADROOM) -> Plan:
+    """Walk the ladder and return the first :class:`Plan` whose per-device bytes fit."""
+    ladder = [
+        ("bf16 mixed precision", estimate(model, batch=batch, seq=seq, recipe="amp-bf16").peak_bytes),
+        ("+ checkpointing", estimate(model, batch=batch, seq=seq, recipe="amp-bf16", checkpointing=True).peak_bytes),
+        ("+ 8-bit AdamW", estimate(model, batch=batch, seq=seq, recipe="amp-bf16", optimizer="adamw-8bit",
+                                   checkpointing=True).peak_bytes),
+    ]
+    for name, need in ladder:
+        if fits(need, device_bytes, headroom):
+            return Plan(name, 1, need)
+    devices = 2
+    while devices <= MAX_DEVICES:
+        need = zero3_bytes_per_device(model, devices, batch, seq)
+        if fits(need, device_bytes, headroom):
+            return Plan("ZeRO-3 + checkpointing", devices, need)
+        devices *= 2
+    return Plan("none", 0, 0)
