@@ -103,3 +103,5 @@ def test_planner_ladder():
     assert str(first_fit("gpt2", DEVICE_SIZES["16 GB"])) == "bf16 mixed precision"
     seven = [first_fit("llama-2-7b", size).devices for size in DEVICE_SIZES.values()]
     assert seven == sorted(seven, reverse=True) and seven[-1] == 1
+    seventy = first_fit("llama-2-70b", DEVICE_SIZES["24 GB"])
+    assert "TP" in seventy.recipe and seventy.devices % 8 == 0 and seventy.bytes_per_device <= DEVICE_SIZES["24 GB"]

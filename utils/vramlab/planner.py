@@ -2,7 +2,8 @@
 built from vramlab's formulas (source "formula": estimates, not measurements).
 
 The ladder, cheapest first: mixed precision (amp-bf16, AdamW) on one device; + activation
-checkpointing; + 8-bit AdamW; then ZeRO-3/FSDP over 2, 4, ... devices with checkpointing.
+checkpointing; + 8-bit AdamW; then ZeRO-3/FSDP over 2, 4, ... 64 devices with checkpointing;
+then ZeRO-3 combined with 8-way tensor parallelism over 8, 16, ... 512 devices.
 Per device under ZeRO-3: see :func:`zero3_bytes_per_device`.
 """
 
@@ -22,6 +23,8 @@ DEVICE_SIZES = {  # nvidia-smi totals of typical cards sold as this many GB
     "80 GB": 81920 * MiB,   # A100/H100 80GB
 }
 MAX_DEVICES = 64
+TENSOR_PARALLEL = 8  # one node of 8 GPUs: tensor parallelism needs NVLink-class links
+MAX_DEVICES_WITH_TP = 512
 
 
 @dataclass(frozen=True)
@@ -34,22 +37,25 @@ class Plan:
 
     def __str__(self) -> str:
         if not self.devices:
-            return f"> {MAX_DEVICES} devices"
+            return f"> {MAX_DEVICES_WITH_TP} devices"
         return self.recipe if self.devices == 1 else f"{self.recipe} x{self.devices}"
 
 
-def zero3_bytes_per_device(model: str, devices: int, batch: int, seq: int) -> int:
+def zero3_bytes_per_device(model: str, devices: int, batch: int, seq: int, tensor_parallel: int = 1) -> int:
     """Formula bytes per device of amp-bf16 AdamW training with checkpointing under ZeRO-3:
     fp32 weights, gradients and AdamW state plus the foreach step's temporary, all sharded
     (20 bytes per parameter / N); the checkpointed block inputs; one block's activations
-    rebuilt in backward, counted twice for its gradients; two blocks' bf16 weights gathered."""
+    rebuilt in backward, counted twice for its gradients; two blocks' bf16 weights gathered.
+    With ``tensor_parallel`` = T (Megatron-style, with sequence parallelism), each block's
+    weights and activations are split T ways inside a group of T devices; ZeRO-3 shards the
+    states over all ``devices``."""
     arch = get_arch(model)
     full = activation_bytes(arch, batch, seq, "amp-bf16")
     kept = activation_bytes(arch, batch, seq, "amp-bf16", checkpointing=True)
     one_block = 2 * (full - kept) // arch.num_layers
     gathered = 2 * 2 * sum(o * i for o, i in linear_shapes(arch).values())
     sharded = sum(zero_bytes_per_rank(param_count(arch), devices, 3, 4, 4, 12).values())
-    return sharded + kept + one_block + gathered
+    return sharded + (kept + one_block + gathered) // tensor_parallel
 
 
 def first_fit(model: str, device_bytes: int, batch: int = 1, seq: int = 2048,
@@ -69,5 +75,11 @@ def first_fit(model: str, device_bytes: int, batch: int = 1, seq: int = 2048,
         need = zero3_bytes_per_device(model, devices, batch, seq)
         if fits(need, device_bytes, headroom):
             return Plan("ZeRO-3 + checkpointing", devices, need)
+        devices *= 2
+    devices = TENSOR_PARALLEL
+    while devices <= MAX_DEVICES_WITH_TP:
+        need = zero3_bytes_per_device(model, devices, batch, seq, TENSOR_PARALLEL)
+        if fits(need, device_bytes, headroom):
+            return Plan(f"ZeRO-3 + {TENSOR_PARALLEL}-way TP + ckpt", devices, need)
         devices *= 2
     return Plan("none", 0, 0)
