@@ -108,7 +108,7 @@ def prune_attention_heads(model: nn.Module, fraction: float) -> nn.Module:
         heads = attn.query.out_features // head_dim
         score = out.weight.detach().reshape(out.out_features, heads, head_dim).norm(dim=(0, 2))
         keep_heads = score.topk(max(1, round(heads * (1 - fraction)))).indices.sort().values
-        rows = (keep_heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+        rows = (keep_heads[:, None] * head_dim + torch.arange(head_dim, device=keep_heads.device)).reshape(-1)
         for name in ("query", "key", "value"):
             proj = getattr(attn, name)
             setattr(attn, name, _linear(proj.weight[rows], None if proj.bias is None else proj.bias[rows]))
