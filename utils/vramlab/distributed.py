@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime
 import os
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -56,21 +55,15 @@ def pick_backend(world_size: int) -> str:
     return "gloo"
 
 
-def free_port() -> int:
-    """A TCP port on localhost that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _entry(index: int, fn: Callable[..., Any], world_size: int, port: int, backend: str, outdir: str,
            timeout_s: float, args: tuple) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     device = torch.device("cuda", index) if backend == "nccl" else torch.device("cpu")
     if backend == "nccl":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=index, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=index, world_size=world_size, timeout=timeout)
     try:
         result = fn(Rank(index, world_size, device, backend), *args)
         torch.save(result, Path(outdir) / f"rank{index}.pt")
@@ -94,8 +87,11 @@ def launch(fn: Callable[..., Any], world_size: int = 2, args: tuple = (), timeou
                          "processes cannot import it. Put the rank function in a module (vramlab.parallel has the course's).")
     backend = backend or pick_backend(world_size)
     outdir = tempfile.mkdtemp(prefix="vramlab-ranks-")
+    # The rendezvous store lives in this process on a port the OS picks, so no race for a free port.
+    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=timeout_s))
     context = torch.multiprocessing.start_processes(
-        _entry, args=(fn, world_size, free_port(), backend, outdir, timeout_s, args), nprocs=world_size,
+        _entry, args=(fn, world_size, store.port, backend, outdir, timeout_s, args), nprocs=world_size,
         join=False, start_method="spawn")
     deadline = time.monotonic() + timeout_s
     try:
@@ -106,6 +102,7 @@ def launch(fn: Callable[..., Any], world_size: int = 2, args: tuple = (), timeou
         return [torch.load(Path(outdir) / f"rank{i}.pt", weights_only=False) for i in range(world_size)]
     finally:
         _kill(context)
+        del store
         shutil.rmtree(outdir, ignore_errors=True)
 
 
