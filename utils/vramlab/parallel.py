@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from .budget import budget
 from .distributed import CommCounter, Rank
 from .gpt import GPTConfig, TinyGPT, pattern_batch
 from .measure import measure
-from .storages import storage_bytes
+from .storages import real_storages, storage_bytes
 
 STRATEGIES = ("single", "ddp", "zero1", "zero2", "fsdp")
 
@@ -176,19 +177,37 @@ def mlp(hidden: int, ffn: int) -> nn.Sequential:
 def tensor_parallel_mlp(rank: Rank, hidden: int, ffn: int, tokens: int, sharded: bool = True) -> dict[str, Any]:
     """One forward+backward of the MLP on ``tokens`` tokens: sharded across the ranks (or the
     whole MLP on every rank, ``sharded=False``). Returns this rank's weight bytes, peak,
-    activation bytes at the peak, and the output's largest difference from the full MLP."""
+    activation bytes (saved for backward), and the output's largest difference from the full MLP."""
     full = mlp(hidden, ffn).to(rank.device)
     model = ShardedMLP(full, rank.rank, rank.world_size).to(rank.device) if sharded else full
     torch.manual_seed(1)
     x = torch.randn(tokens, hidden, device=rank.device)
     counter = CommCounter()
     with measure(model, x) as m, counter:
-        y = model(x)
+        y, saved = saved_for_backward(list(model.parameters()), lambda: model(x))
         y.square().mean().backward()
     with torch.no_grad():
         diff = float((y.detach() - full(x)).abs().max())
     return {"rank": rank.rank, "weight_bytes": storage_bytes(list(model.parameters())), "peak_bytes": m.peak_bytes,
-            "activation_bytes": m.breakdown["activations"], "max_abs_diff": diff, "comm_bytes": dict(counter.bytes)}
+            "activation_bytes": saved, "max_abs_diff": diff, "comm_bytes": dict(counter.bytes)}
+
+
+def saved_for_backward(params: list[torch.Tensor], forward: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Run ``forward()``; return its output and the bytes of the distinct storages autograd
+    saved for backward, parameters excluded: the activations, by definition. (Counting live
+    tensors instead would also catch buffers whose release a collective may delay.)"""
+    weights = {p.untyped_storage().data_ptr() for p in params}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        for storage in real_storages(t):
+            if storage.data_ptr() not in weights:
+                saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    return out, sum(saved.values())
 
 
 # ------------------------------------------------------------------ pipeline parallelism
