@@ -279,6 +279,7 @@ def pipeline(rank: Rank, layers: int, hidden: int, batch: int, micro_batches: in
             "busy_s": busy, "total_s": total, "bubble": 1 - busy / total}
 
 
-def pipelines(rank: Rank, layers: int, hidden: int, batch: int, micro_batch_counts: list[int]) -> list[dict[str, Any]]:
+def pipelines(rank: Rank, layers: int, hidden: int, batch: int, micro_batch_counts: list[int],
+              repeats: int = 3) -> list[dict[str, Any]]:
     """:func:`pipeline` for each number of micro-batches, in one set of processes."""
-    return [pipeline(rank, layers, hidden, batch, m) for m in micro_batch_counts]
+    return [pipeline(rank, layers, hidden, batch, m, repeats) for m in micro_batch_counts]
