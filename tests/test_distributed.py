@@ -5,7 +5,6 @@ import os
 import sys
 
 import pytest
-import torch
 
 import rank_helpers
 import vramlab.estimate  # noqa: F401
@@ -64,14 +63,14 @@ def test_strategies_measured_per_rank_and_losses_equal_one_process():
     assert fsdp["param_bytes"] == pytest.approx(2 * params, rel=0.02) and fsdp["grad_bytes"] == fsdp["param_bytes"]
     assert ddp["comm_bytes_per_step"]["all-reduce"] == 4 * params               # the gradients, once
     assert fsdp["comm_bytes_per_step"]["all-gather"] == 2 * fsdp["param_bytes"]  # shards gathered twice
-    solo = PL.train(Rank(0, 1, torch.device("cpu"), "none"), "single", CFG, 4, 2)
+    solo = PL.train(Rank.in_process(), "single", CFG, 4, 2)
     for run in (ddp, fsdp):
         assert run["losses"] == pytest.approx(solo["losses"], rel=1e-5)
 
 
 def test_tensor_parallel_mlp_equals_the_whole_one():
     ranks = launch(PL.tensor_parallel_mlp, 2, args=(32, 128, 16), timeout_s=60)
-    whole = PL.tensor_parallel_mlp(Rank(0, 1, torch.device("cpu"), "none"), 32, 128, 16, sharded=False)
+    whole = PL.tensor_parallel_mlp(Rank.in_process(), 32, 128, 16, sharded=False)
     for r in ranks:
         assert r["max_abs_diff"] < 1e-5 and r["comm_bytes"] == {"all-reduce": 16 * 32 * 4}
         assert r["weight_bytes"] == (whole["weight_bytes"] - 4 * 32) // 2 + 4 * 32
@@ -81,7 +80,7 @@ def test_unknown_strategy_and_pipeline_arguments():
     with pytest.raises(ValueError, match="unknown strategy"):
         PL.check_strategy("zero4")
     with pytest.raises(ValueError, match="exactly 2 stages"):
-        PL.pipeline(Rank(0, 1, torch.device("cpu"), "none"), 4, 16, 8, 2)
+        PL.pipeline(Rank.in_process(), 4, 16, 8, 2)
 
 
 def test_ring_traffic():

@@ -47,6 +47,12 @@ class Rank:
     device: torch.device
     backend: str
 
+    @classmethod
+    def in_process(cls, device: str | torch.device = "cpu") -> "Rank":
+        """This process alone (rank 0 of 1, no process group): for single-process references
+        of the rank functions that need no collective."""
+        return cls(0, 1, torch.device(device), "none")
+
 
 def pick_backend(world_size: int) -> str:
     """NCCL when there is a CUDA GPU for every rank, gloo (CPU tensors) otherwise."""
@@ -111,7 +117,7 @@ def _join(context: Any, timeout: float, outdir: str) -> bool:
         return bool(context.join(timeout=timeout))
     except torch.multiprocessing.ProcessRaisedException as err:
         rank, first = _first_failure(outdir, err.error_index, str(err).strip().splitlines()[-1])
-        others = "" if rank == err.error_index else f" (rank {err.error_index} then failed because rank {rank} was gone)"
+        others = "" if rank == err.error_index else f" (rank {err.error_index} failed after it)"
         raise RankFailed(f"rank {rank} failed: {first}{others}\n\n{err}") from None
     except torch.multiprocessing.ProcessExitedException as err:
         raise RankFailed(f"rank {err.error_index} exited with code {err.exit_code} (killed, or out of memory?)") from None

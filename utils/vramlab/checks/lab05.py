@@ -17,8 +17,6 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 from .. import parallel as PL
 from ..distributed import Rank, RankFailed, launch
 from ..units import MiB, format_bytes
@@ -34,16 +32,18 @@ KEYS = {"strategy", "batch_per_rank", "checkpointing"}
 
 
 @functools.lru_cache(maxsize=1)
+def _reference() -> dict[str, Any]:
+    return PL.train(Rank.in_process(), "single", CFG, GLOBAL_BATCH, STEPS)
+
+
 def reference_losses() -> tuple[float, ...]:
     """Losses of one process training the whole global batch each step (no budget)."""
-    solo = Rank(0, 1, torch.device("cpu"), "none")
-    return tuple(PL.train(solo, "single", CFG, GLOBAL_BATCH, STEPS)["losses"])
+    return tuple(_reference()["losses"])
 
 
 def single_process_peak() -> int:
-    """Measured peak of one process training the global batch (what does not fit)."""
-    solo = Rank(0, 1, torch.device("cpu"), "none")
-    return PL.train(solo, "single", CFG, GLOBAL_BATCH, STEPS)["peak_bytes"]
+    """Measured peak of that same single-process run (what does not fit the budget)."""
+    return _reference()["peak_bytes"]
 
 
 def validate(plan: Any) -> str:
