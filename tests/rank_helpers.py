@@ -27,3 +27,20 @@ def hang(rank, pid_file):
     with open(f"{pid_file}.{rank.rank}", "w") as f:
         f.write(str(os.getpid()))
     time.sleep(600)
+
+
+def exit_zero(rank):
+    """Every rank exits cleanly without returning anything."""
+    import sys
+
+    sys.exit(0)
+
+
+def start_child_and_hang(rank, pid_file):
+    """Each rank starts a long-running child process, records its pid, then sleeps."""
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "600"])
+    with open(f"{pid_file}.{rank.rank}", "w") as f:
+        f.write(str(child.pid))
+    time.sleep(600)

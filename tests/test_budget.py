@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from vramlab import budget, largest_batch, measure
-from vramlab.units import MiB
+from vramlab.units import GiB, MiB
 
 
 def test_budget_raises_a_real_oom_with_cudas_fields():
@@ -86,3 +86,30 @@ def test_largest_batch_validates_input():
         largest_batch(lambda b: None, start=0)
     with pytest.raises(ValueError):
         largest_batch(lambda b: None, start=8, limit=4)
+
+
+def test_a_fractional_number_of_bytes_is_refused_with_a_hint():
+    with pytest.raises(ValueError, match="whole number of bytes.*'1.5 GiB'"):
+        budget(1.5)
+    assert budget(2.0).limit == 2
+
+
+def test_the_budget_message_round_trips_through_the_parser():
+    from vramlab.oom import format_oom_message, parse_oom_message
+
+    message = format_oom_message(tried=32 * MiB, capacity=2 * GiB, in_use=1536 * MiB)
+    assert parse_oom_message(message) == {"tried": 32 * MiB, "total": 2 * GiB, "free": 512 * MiB,
+                                          "allocated": 1536 * MiB, "reserved_unallocated": 0}
+    odd = parse_oom_message(format_oom_message(tried=12_345_678, capacity=98_765_432, in_use=55_555_555))
+    for name, want in (("tried", 12_345_678), ("total", 98_765_432), ("allocated", 55_555_555)):
+        assert abs(odd[name] - want) <= 0.005 * MiB  # the message prints 2 decimals of MiB
+
+
+def test_the_raised_message_is_the_one_oom_writes():
+    from vramlab.oom import parse_oom_message
+
+    with pytest.raises(torch.OutOfMemoryError) as err:
+        with budget("1 MiB"):
+            torch.empty(2 * MiB, dtype=torch.uint8)
+    assert parse_oom_message(str(err.value)) == {"tried": 2 * MiB, "total": MiB, "free": MiB,
+                                                 "allocated": 0, "reserved_unallocated": 0}

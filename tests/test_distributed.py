@@ -1,8 +1,11 @@
 """The rank launcher (results, failures, timeouts, cleanup), traffic counting, the
 parallel rank functions and the ZeRO/planner arithmetic."""
 
+import glob
 import os
 import sys
+import tempfile
+import time
 
 import pytest
 
@@ -18,11 +21,16 @@ CFG = dict(vocab_size=64, seq_len=17, hidden=64, layers=2, heads=4)
 
 
 def alive(pid):
+    """True while ``pid`` runs (a zombie waiting for a parent that never reaps it is dead)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def test_launch_returns_every_rank_in_order():
@@ -42,6 +50,34 @@ def test_timeout_kills_every_rank(tmp_path):
         launch(rank_helpers.hang, 2, args=(pid_file,), timeout_s=8)
     pids = [int(open(f"{pid_file}.{r}").read()) for r in range(2)]
     assert not any(alive(p) for p in pids)
+
+
+def test_timeout_also_kills_what_the_ranks_started(tmp_path):
+    pid_file = str(tmp_path / "child")
+    with pytest.raises(RanksTimedOut):
+        launch(rank_helpers.start_child_and_hang, 2, args=(pid_file,), timeout_s=8)
+    children = [int(open(f"{pid_file}.{r}").read()) for r in range(2)]
+    time.sleep(0.5)  # let init reap them
+    assert not any(alive(p) for p in children)
+
+
+def test_ranks_that_exit_without_a_result_are_named():
+    with pytest.raises(RankFailed, match="rank 0 exited without returning a result"):
+        launch(rank_helpers.exit_zero, 2, timeout_s=60)
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), "60", True, 0, 1e30])
+def test_bad_timeouts_are_refused_and_leave_no_temp_folder(timeout):
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "vramlab-ranks-*")))
+    with pytest.raises(ValueError, match="timeout_s must be a number of seconds"):
+        launch(rank_helpers.rank_info, 2, timeout_s=timeout)
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "vramlab-ranks-*"))) == before
+
+
+def test_train_reports_a_budget_that_refuses_before_the_first_step():
+    result = PL.train(Rank.in_process(), "single", CFG, batch=2, steps=1, limit=1024)
+    assert "already alive" in result["error"] and result["losses"] == []
+    assert result["peak_bytes"] == result["param_bytes"] + 2 * CFG["seq_len"] * 8  # weights + one int64 batch
 
 
 def test_notebook_functions_and_bad_arguments_are_refused():

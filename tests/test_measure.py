@@ -161,3 +161,94 @@ def test_tracked_tensors_can_die_inside_the_block():
         b = torch.zeros(1000)
     assert m.peak_bytes == 4000
     del b
+
+
+# -- faults found by fault injection (issue 11): each failed before the fix ---------------
+def _post_grad_hooks(model):
+    return sum(len(p._post_accumulate_grad_hooks or {}) for p in model.parameters())
+
+
+def test_blocks_leave_no_gradient_hooks_on_parameters():
+    model = small_model()
+    for _ in range(20):
+        with measure(model):
+            model(torch.randn(4, 64)).sum().backward()
+    with vramlab.budget("1 GiB", model):
+        pass
+    vramlab.largest_batch(lambda b: _step_in_budget(model, b), limit=8)
+    assert _post_grad_hooks(model) == 0
+
+
+def _step_in_budget(model, batch):
+    with vramlab.budget("1 MiB", model):
+        model(torch.randn(batch, 64)).sum().backward()
+
+
+def test_a_slice_of_an_untracked_tensor_is_not_an_allocation():
+    dataset = torch.zeros(8 * 2**20)  # 32 MiB made before the block, not passed to measure
+    with measure() as m:
+        head = dataset[:10]
+        head.add_(1)  # in place on a storage allocated before: still no allocation
+        copy = head.clone()
+    assert m.peak_bytes == copy.nbytes == 40
+    with vramlab.budget("1 KiB"):
+        dataset[:10].sum()
+
+
+def test_from_numpy_batches_are_not_counted_as_activations():
+    import numpy as np
+
+    model = small_model()
+    data = torch.from_numpy(np.zeros((4096, 64), dtype=np.float32))  # 1 MiB dataset
+    with measure(model) as m:
+        model(data[:4]).sum().backward()
+    assert m.breakdown["activations"] < 16 * 1024
+
+
+def test_generators_are_consumed_and_nothing_is_refused():
+    model = small_model()
+    with measure(model.parameters()) as m:
+        pass
+    assert m.baseline_bytes == param_bytes(model) == storage_bytes(model.parameters())
+    assert m.breakdown["parameters"] == param_bytes(model)
+    for bad in (None, 3, "model", [], {"a": None}):
+        with pytest.raises(TypeError, match="holds no tensor, module or optimizer"):
+            measure(bad)
+
+
+def test_a_measure_object_entered_twice_reports_each_block():
+    meter = measure()
+    with meter as first:
+        big = torch.zeros(1000)
+    del big
+    with meter as second:
+        small = torch.zeros(10)
+    assert (first.peak_bytes, second.peak_bytes) == (4000, 40) and first is not second
+    with pytest.raises(RuntimeError, match="already measuring"):
+        with meter:
+            with meter:
+                pass
+    del small
+
+
+def test_meta_and_other_devices_say_what_to_do():
+    with pytest.raises(ValueError, match="meta tensors have shapes but no memory.*dryrun"):
+        measure(torch.zeros(2, device="meta"))
+    with pytest.raises(ValueError, match="got device 'meta'"):
+        measure(device="meta")
+
+
+def test_with_cuda_reported_cpu_tensors_are_still_measured_on_the_cpu(monkeypatch):
+    """On a GPU machine, CPU tensors (and a block with nothing tracked) are measured by the CPU
+    tracker: the device comes from the tensors, else torch's default device, never from has_cuda."""
+    import sys
+
+    for module in ("vramlab.measure", "vramlab.device"):
+        monkeypatch.setattr(sys.modules[module], "has_cuda", lambda: True)
+    x = torch.zeros(10)
+    assert measure(x).device == "cpu" and measure().device == "cpu"
+    assert vramlab.budget("1 MiB", x).device == "cpu" and vramlab.budget("1 MiB").device == "cpu"
+    with vramlab.budget("1 KiB") as m:
+        with pytest.raises(torch.OutOfMemoryError):
+            torch.empty(10**11)  # refused by the CPU budget, never handed to any allocator
+    assert m.source == "cpu-tracked"

@@ -3,11 +3,15 @@
 >>> with budget("2 GiB", model, optimizer) as m:
 ...     train_step()          # raises torch.OutOfMemoryError past 2 GiB
 
-On a CPU the storage tracker refuses, before it allocates, any op whose new tensors would
-take the live total past the budget, and raises a real ``torch.OutOfMemoryError`` whose
-message has CUDA's fields (tried to allocate, total capacity, free, in use). On CUDA the
-caching allocator is capped with ``torch.cuda.set_per_process_memory_fraction``; the cap
-counts what the allocator *reserves*, cache included, as a real smaller GPU would.
+On a CPU the budget hooks the storage tracker's allocations: it refuses, before it
+allocates, any op whose new tensors would take the live total past the budget, and raises a
+real ``torch.OutOfMemoryError`` whose message has CUDA's fields (tried to allocate, total
+capacity, free, in use; see :mod:`vramlab.oom`). On CUDA the caching allocator is capped with
+``torch.cuda.set_per_process_memory_fraction``; the cap counts what the allocator
+*reserves*, cache included, as a real smaller GPU would.
+
+The CPU budget sees only the thread that runs the block (a dispatch mode is thread-local):
+tensors made by other threads, a DataLoader's pin-memory thread for one, are not refused.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 import torch
 
 from .measure import Measurement, measure
+from .oom import format_oom_message
 from .units import format_bytes, parse_bytes
 
 
@@ -25,14 +30,15 @@ class budget:
     """Context manager: run the block as if the device had only ``size`` of memory.
 
     Args:
-        size: the budget, e.g. ``"2 GiB"``, ``"16GB"`` (decimal) or a number of bytes.
+        size: the budget, e.g. ``"2 GiB"``, ``"16GB"`` (decimal) or a whole number of bytes.
         *track: objects alive before the block that count against the budget (model,
             optimizer, inputs). On a CPU only tracked objects and what the block creates
             count; on CUDA everything the process has allocated on the device counts.
         device: "cpu" or "cuda" (default: as :class:`vramlab.measure` chooses).
 
-    Yields the :class:`Measurement` of the block. On exit, also after an out-of-memory
-    error, the previous allocator cap is restored and the garbage collector runs.
+    Yields the :class:`Measurement` of the block (also ``self.result``, which exists even
+    when the budget refuses what is alive before the block starts). On exit, also after an
+    out-of-memory error, the previous allocator cap is restored and the garbage collector runs.
     """
 
     def __init__(self, size: int | str, *track: Any, device: str | None = None, timeline: bool = False) -> None:
@@ -42,17 +48,34 @@ class budget:
         self._measure = measure(*track, device=device, timeline=timeline)
         self.device = self._measure.device
         if self.device == "cpu":  # on CUDA the allocator itself is capped (_cap_cuda)
-            self._measure.tracker.limit = self.limit
+            self._measure.add_alloc_hook(self._refuse)
         self._old_fraction: float | None = None
+
+    @property
+    def result(self) -> Measurement | None:
+        """The latest block's measurement (None before the first block)."""
+        return self._measure.result
+
+    def _refuse(self, in_use: int, request: int) -> None:
+        """The allocation hook: raise a CUDA-style OOM when ``request`` bytes do not fit."""
+        if in_use + request > self.limit:
+            raise torch.OutOfMemoryError(format_oom_message(request, self.limit, in_use))
 
     def __enter__(self) -> Measurement:
         if self.device == "cuda":
             self._cap_cuda()
         try:
-            return self._measure.__enter__()
+            result = self._measure.__enter__()
         except BaseException:
             self._restore()
             raise
+        if self.device == "cpu" and result.baseline_bytes > self.limit:
+            self.__exit__(None, None, None)
+            raise torch.OutOfMemoryError(
+                f"vramlab budget: what is already alive ({format_bytes(result.baseline_bytes)}) exceeds the "
+                f"budget of {format_bytes(self.limit)} before the block starts; free tensors first or use a larger budget."
+            )
+        return result
 
     def __exit__(self, *exc: Any) -> None:
         try:

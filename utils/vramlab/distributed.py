@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import shutil
 import tempfile
 import time
@@ -63,6 +64,8 @@ def pick_backend(world_size: int) -> str:
 
 def _entry(index: int, fn: Callable[..., Any], world_size: int, port: int, backend: str, outdir: str,
            timeout_s: float, args: tuple) -> None:
+    if hasattr(os, "setpgrp"):  # a group of its own, so the launcher can kill what the rank starts
+        os.setpgrp()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     device = torch.device("cuda", index) if backend == "nccl" else torch.device("cpu")
     if backend == "nccl":
@@ -80,36 +83,50 @@ def _entry(index: int, fn: Callable[..., Any], world_size: int, port: int, backe
         dist.destroy_process_group()
 
 
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+
+
 def launch(fn: Callable[..., Any], world_size: int = 2, args: tuple = (), timeout_s: float = 120.0,
            backend: str | None = None) -> list[Any]:
     """Run ``fn(Rank, *args)`` on ``world_size`` new processes; return the ranks' results, in
     rank order. Results must be picklable (numbers, dicts, CPU tensors)."""
-    if not isinstance(world_size, int) or world_size < 1:
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}.")
-    if not timeout_s or timeout_s <= 0:
-        raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}.")
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s <= MAX_TIMEOUT_S:
+        raise ValueError(f"timeout_s must be a number of seconds above 0 and at most {MAX_TIMEOUT_S:.0f} "
+                         f"(a week), got {timeout_s!r}.")
     if getattr(fn, "__module__", "__main__") == "__main__" or "<locals>" in getattr(fn, "__qualname__", ""):
         raise ValueError(f"{getattr(fn, '__name__', fn)!r} is defined in the notebook (or inside a function): spawned "
                          "processes cannot import it. Put the rank function in a module (vramlab.parallel has the course's).")
     backend = backend or pick_backend(world_size)
-    outdir = tempfile.mkdtemp(prefix="vramlab-ranks-")
     # The rendezvous store lives in this process on a port the OS picks, so no race for a free port.
     store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=timeout_s))
-    context = torch.multiprocessing.start_processes(
-        _entry, args=(fn, world_size, store.port, backend, outdir, timeout_s, args), nprocs=world_size,
-        join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout_s
+    outdir = tempfile.mkdtemp(prefix="vramlab-ranks-")
+    context = None
     try:
+        context = torch.multiprocessing.start_processes(
+            _entry, args=(fn, world_size, store.port, backend, outdir, timeout_s, args), nprocs=world_size,
+            join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout_s
         while not _join(context, 0.5, outdir):
             if time.monotonic() > deadline:
                 raise RanksTimedOut(f"{world_size} ranks ran longer than {timeout_s:.0f} s and were killed. "
                                     "A rank may be waiting in a collective another rank never reached.")
-        return [torch.load(Path(outdir) / f"rank{i}.pt", weights_only=False) for i in range(world_size)]
+        return [_result(outdir, i) for i in range(world_size)]
     finally:
-        _kill(context)
+        if context is not None:
+            _kill(context)
         del store
         shutil.rmtree(outdir, ignore_errors=True)
+
+
+def _result(outdir: str, rank: int) -> Any:
+    path = Path(outdir) / f"rank{rank}.pt"
+    if not path.exists():
+        raise RankFailed(f"rank {rank} exited without returning a result (sys.exit() or os._exit() in the rank "
+                         "function?). Return a value from the rank function instead of exiting.")
+    return torch.load(path, weights_only=False)
 
 
 def _join(context: Any, timeout: float, outdir: str) -> bool:
@@ -134,7 +151,13 @@ def _first_failure(outdir: str, rank: int, message: str) -> tuple[int, str]:
 
 
 def _kill(context: Any) -> None:
+    """Kill every rank and every process it started (each rank leads its own process group)."""
     for process in context.processes:
+        if process.pid is not None and hasattr(os, "killpg"):
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass  # the rank had not made its group yet (or is gone): kill it alone below
         if process.is_alive():
             process.kill()
         process.join(timeout=5)

@@ -13,6 +13,8 @@ exact tensor sizes, no memory used. ``Measurement.source`` says which of these i
 from __future__ import annotations
 
 import gc
+import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,8 +23,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from .device import has_cuda
-from .storages import tensors_in
-from .tracker import ROLES, StorageTracker, TimelinePoint
+from .storages import CONTAINERS, tensors_in
+from .tracker import ROLES, AllocHook, StorageTracker, TimelinePoint
 from .units import format_bytes
 
 NOTES = {
@@ -104,10 +106,62 @@ def _fake_mode_active() -> bool:
     return any(isinstance(mode, FakeTensorMode) for mode in _get_current_dispatch_mode_stack())
 
 
-def _infer_device(track: tuple[Any, ...]) -> str:
-    for tensor in tensors_in(list(track)):
+def _tracked(track: tuple[Any, ...]) -> tuple[list[Any], list[torch.Tensor]]:
+    """Split what ``measure`` was given into modules/optimizers and tensors.
+
+    Lists, tuples, sets, dicts and iterators (``model.parameters()``) are opened; an object
+    that holds no tensor and is no module or optimizer (None, a number, an empty list) is
+    refused, so a typo never measures nothing in silence.
+    """
+    holders: list[Any] = []
+    tensors: list[torch.Tensor] = []
+    for position, obj in enumerate(track):
+        found = _open(obj, holders, tensors)
+        if not found:
+            raise TypeError(
+                f"measure(...) argument {position + 1} ({type(obj).__name__}: {obj!r:.60}) holds no tensor, "
+                "module or optimizer. Pass what is alive before the block (the model, the optimizer, "
+                "the batch), or nothing."
+            )
+    return holders, tensors
+
+
+def _open(obj: Any, holders: list[Any], tensors: list[torch.Tensor]) -> int:
+    """Add the modules/optimizers and tensors inside ``obj``; return how many were found."""
+    if isinstance(obj, (torch.nn.Module, torch.optim.Optimizer)):
+        holders.append(obj)
+        return 1
+    if isinstance(obj, torch.Tensor):
+        tensors.extend(tensors_in(obj))
+        return 1
+    if isinstance(obj, Mapping):
+        obj = obj.values()
+    if isinstance(obj, CONTAINERS):
+        return sum(_open(item, holders, tensors) for item in list(obj))
+    return 0
+
+
+def _device_of(holders: list[Any], tensors: list[torch.Tensor]) -> str:
+    """Where the tracked objects live; with none, the default device (``torch.set_default_device``)."""
+    for tensor in [*tensors, *tensors_in(holders)]:
         return tensor.device.type
-    return "cuda" if has_cuda() and not _fake_mode_active() else "cpu"
+    if _fake_mode_active():
+        return "cpu"
+    return torch.get_default_device().type
+
+
+def _check_device(device: Any, inferred: bool) -> str:
+    if isinstance(device, torch.device):
+        device = device.type
+    if device in ("cpu", "cuda"):
+        return device
+    origin = "the tracked tensors are on" if inferred else "got device"
+    if device == "meta":
+        raise ValueError(
+            f"{origin} 'meta': meta tensors have shapes but no memory to measure. For the memory of "
+            "a model too big to build, dry-run it: vramlab.dryrun(...), or measure under FakeTensorMode."
+        )
+    raise ValueError(f"measure works on 'cpu' or 'cuda'; {origin} {device!r}. Move the tensors, or pass device=.")
 
 
 class measure:
@@ -115,33 +169,45 @@ class measure:
 
     Args:
         *track: objects alive before the block whose bytes count (modules, optimizers,
-            tensors); a module's parameters and future gradients get their roles.
-        device: "cpu" or "cuda"; default: where the tracked objects live, else CUDA if
-            available, else CPU.
+            tensors, or lists/dicts/iterators of them such as ``model.parameters()``);
+            a module's parameters and future gradients get their roles.
+        device: "cpu" or "cuda"; default: where the tracked objects live, else the default
+            device (CPU unless ``torch.set_default_device`` says otherwise).
         timeline: record live bytes after every op (``Measurement.timeline``).
         round_to: round each storage up to this many bytes (512 mimics the CUDA allocator).
 
-    On CUDA the device has one peak counter: a ``measure`` (or ``budget``) nested inside
-    another resets it, so read the outer block's ``current_bytes()``, not its peak, there.
+    One ``measure`` object may be entered again: each block gets a new
+    :class:`Measurement`. Only the thread that runs the block is seen (a dispatch mode is
+    thread-local). On CUDA the device has one peak counter: a ``measure`` (or ``budget``)
+    nested inside another resets it, so read the outer block's ``current_bytes()``, not its
+    peak, there.
     """
 
     def __init__(
         self,
         *track: Any,
-        device: str | None = None,
+        device: str | torch.device | None = None,
         timeline: bool = False,
         round_to: int = 1,
     ) -> None:
-        self.device = device or _infer_device(track)
-        if self.device not in ("cpu", "cuda"):
-            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        holders, tensors = _tracked(track)
+        self.device = _check_device(device if device is not None else _device_of(holders, tensors), device is None)
         if self.device == "cuda" and not has_cuda():
             from .device import require_cuda
 
             require_cuda("measure(device='cuda')")
-        self.track = track
-        self.result = Measurement(source=self._source(), device=self.device)
-        self.tracker = StorageTracker(self.device, timeline=timeline, round_to=round_to)
+        self._holders = holders  # modules and optimizers: the final role pass needs them
+        self._tensors = [weakref.ref(t) for t in tensors]  # weak: measuring must not keep them alive
+        self._timeline = timeline
+        self._round_to = round_to
+        self._alloc_hooks: list[AllocHook] = []
+        self._active = False
+        self.tracker: StorageTracker | None = None
+        self.result: Measurement | None = None
+
+    def add_alloc_hook(self, hook: AllocHook) -> None:
+        """Run ``hook(in_use, request)`` on every allocation of the blocks (how a budget refuses)."""
+        self._alloc_hooks.append(hook)
 
     def _source(self) -> str:
         if self.device == "cuda":
@@ -149,36 +215,39 @@ class measure:
         return "dry-run" if _fake_mode_active() else "cpu-tracked"
 
     def __enter__(self) -> Measurement:
-        tracker = self.tracker
+        if self._active:
+            raise RuntimeError("this measure object is already measuring a block; nest a new measure(...) instead")
+        tracker = StorageTracker(self.device, timeline=self._timeline, round_to=self._round_to)
+        self.tracker, self.result = tracker, Measurement(source=self._source(), device=self.device)
         tracker.set_phase("before")
-        for obj in self.track:
+        for obj in self._holders:
             tracker.register(obj)
+        tensors = [t for t in (ref() for ref in self._tensors) if t is not None]
+        for tensor in tensors:
+            tracker.register(tensor, "parameters" if isinstance(tensor, torch.nn.Parameter) else None)
+        del tensors
         tracker.set_phase(None)
-        # keep only what the final role pass needs: holding tracked tensors would keep them alive
-        self.track = tuple(o for o in self.track if isinstance(o, (torch.nn.Module, torch.optim.Optimizer)))
-        if tracker.limit is not None and tracker.current_bytes > tracker.limit:
-            raise torch.OutOfMemoryError(
-                f"vramlab budget: what is already alive ({format_bytes(tracker.current_bytes)}) "
-                f"exceeds the budget of {format_bytes(tracker.limit)} before the block starts; "
-                "free tensors first or use a larger budget."
-            )
-        self.result.baseline_bytes = tracker.current_bytes
-        self.result._live = lambda: tracker.current_bytes
+        result = self.result
+        result.baseline_bytes = result.peak_bytes = result.end_bytes = tracker.current_bytes
+        result._live = lambda: tracker.current_bytes
         if self.device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            self.result.baseline_bytes = int(torch.cuda.memory_allocated())
-            self.result._live = torch.cuda.memory_allocated
+            result.baseline_bytes = int(torch.cuda.memory_allocated())
+            result._live = torch.cuda.memory_allocated
+        for hook in self._alloc_hooks:
+            tracker.add_alloc_hook(hook)
         tracker.__enter__()
-        return self.result
+        self._active = True
+        return result
 
     def __exit__(self, *exc: Any) -> None:
-        tracker = self.tracker
+        tracker, result = self.tracker, self.result
+        assert tracker is not None and result is not None
+        self._active = False
         tracker.__exit__(*exc)
-        for obj in self.track:  # final roles: gradients and states that now exist
-            if isinstance(obj, (torch.nn.Module, torch.optim.Optimizer)):
-                tracker.register(obj)
-        result = self.result
+        for obj in self._holders:  # final roles: gradients and states that now exist
+            tracker.assign_roles(obj)
         result.breakdown = tracker.peak_breakdown()
         result.end_breakdown = tracker.breakdown()
         result.peak_bytes = tracker.peak_bytes

@@ -1,9 +1,10 @@
-"""Read an out-of-memory message field by field.
+"""Write and read out-of-memory messages, field by field.
 
 CUDA's message (PyTorch 2.x) and the one :func:`vramlab.budget` raises on a CPU share their
 fields: tried to allocate, total capacity, free, allocated by PyTorch, and reserved by
-PyTorch but unallocated. :func:`parse_oom_message` returns them in bytes, and
-:func:`advice` says what each one suggests doing.
+PyTorch but unallocated. :func:`format_oom_message` writes the budget's message in CUDA's
+wording and order, :func:`parse_oom_message` reads either back in bytes (to the 2-decimal
+precision the message prints), and :func:`advice` says what each field suggests doing.
 """
 
 from __future__ import annotations
@@ -20,6 +21,23 @@ _FIELDS = {
     "allocated": rf"{_SIZE} is allocated by PyTorch",
     "reserved_unallocated": rf"{_SIZE} is reserved by PyTorch but unallocated",
 }
+
+
+BUDGET_PREFIX = "vramlab budget: simulated"
+NEXT_STEPS = "Free tensors you no longer need, lower the batch size, or apply a strategy from Part III."
+
+
+def format_oom_message(tried: int, capacity: int, in_use: int, where: str = BUDGET_PREFIX) -> str:
+    """The message :func:`vramlab.budget` raises, with the fields of CUDA's (all in bytes):
+    ``tried`` the refused request, ``capacity`` the budget, ``in_use`` the live bytes."""
+    free = max(capacity - in_use, 0)
+    return (
+        f"{where} out of memory. Tried to allocate {format_bytes(tried)}. "
+        f"The budget has a total capacity of {format_bytes(capacity)} of which "
+        f"{format_bytes(free)} is free. Of the allocated memory {format_bytes(in_use)} "
+        "is allocated by PyTorch, and 0 B is reserved by PyTorch but unallocated "
+        "(the CPU tracker has no cache, so there is no fragmentation). " + NEXT_STEPS
+    )
 
 
 def parse_oom_message(message: str) -> dict[str, int]:

@@ -24,6 +24,7 @@ from .budget import budget
 from .distributed import CommCounter, Rank
 from .gpt import GPTConfig, TinyGPT, pattern_batch
 from .measure import measure
+from .oom import NEXT_STEPS
 from .storages import real_storages, storage_bytes
 
 STRATEGIES = ("single", "ddp", "zero1", "zero2", "fsdp")
@@ -97,15 +98,17 @@ def train(rank: Rank, strategy: str, cfg: dict[str, Any], batch: int, steps: int
     error = ""
     start = time.perf_counter()
     try:
-        with guard as m, counter:
+        with guard, counter:
             for ids in batches:
                 opt.zero_grad(set_to_none=True)
                 loss = model(ids)
                 loss.backward()
                 opt.step()
                 losses.append(float(loss.detach()))
-    except torch.OutOfMemoryError as err:
-        error = str(err).split(". Free tensors")[0]
+    except torch.OutOfMemoryError as err:  # also raised before the block when what is alive does not fit
+        error = str(err).split(". " + NEXT_STEPS)[0]
+    m = guard.result
+    assert m is not None
     seconds = (time.perf_counter() - start) / steps
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if strategy != "single" and len(losses) == steps:

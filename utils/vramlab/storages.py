@@ -9,7 +9,7 @@ storage of their own; their bytes are in their index and value tensors.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, ValuesView
 from typing import Any
 
 import torch
@@ -50,7 +50,8 @@ def _compressed_indices(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 def tensors_in(obj: Any) -> Iterator[torch.Tensor]:
     """Yield the tensors found in ``obj``: a tensor, a module (parameters, gradients and
-    buffers), an optimizer (its state), or a (nested) list/tuple/dict of those."""
+    buffers), an optimizer (its state), or a (nested) list/tuple/set/dict or iterator of
+    those (``model.parameters()``). Other objects (numbers, strings, None) yield nothing."""
     if isinstance(obj, torch.Tensor):
         yield obj
         yield from _side_tensors(obj)
@@ -65,13 +66,17 @@ def tensors_in(obj: Any) -> Iterator[torch.Tensor]:
     elif isinstance(obj, torch.optim.Optimizer):
         for state in obj.state.values():
             yield from tensors_in(state)
-    elif isinstance(obj, dict):
+    elif isinstance(obj, Mapping):
         for value in obj.values():
             yield from tensors_in(value)
-    elif isinstance(obj, (list, tuple, set)):
+    elif isinstance(obj, CONTAINERS):
         for value in obj:
             yield from tensors_in(value)
 
+
+CONTAINERS = (list, tuple, set, frozenset, ValuesView, Iterator)
+"""What :func:`tensors_in` opens besides dicts: sequences, sets and iterators (generators,
+``model.parameters()``); an array or other iterable object is not walked element by element."""
 
 _SIDE_ATTRS = ("CB", "SCB", "absmax", "code", "offset")
 

@@ -9,8 +9,14 @@ counts on a GPU, before the CUDA caching allocator rounds each block up to 512 b
 peak is sampled after every op, while the op's inputs and outputs are both alive.
 
 What the tracker cannot see: memory a kernel allocates internally and frees before returning
-(e.g. a cuBLAS or oneDNN workspace), tensors created before it started unless registered,
-and memory that is not a tensor (the CUDA context, the allocator's cache).
+(e.g. a cuBLAS or oneDNN workspace), tensors created before it started unless registered
+(a storage first met as the input of an op, for example through a slice of a dataset or a
+tensor from ``torch.from_numpy``, was allocated before: it is never counted), memory that
+is not a tensor (the CUDA context, the allocator's cache), and ops run on other threads
+(a dispatch mode is thread-local: a DataLoader's pin-memory thread is not seen).
+
+The tracker enforces nothing. Whoever needs a limit (:func:`vramlab.budget`) adds an
+allocation hook with :meth:`StorageTracker.add_alloc_hook`.
 """
 
 from __future__ import annotations
@@ -28,7 +34,6 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .storages import real_storages, tensors_in
-from .units import format_bytes
 
 ROLES: tuple[str, ...] = ("parameters", "gradients", "optimizer", "activations", "other")
 PHASES: tuple[str, ...] = ("before", "forward", "backward", "optimizer")
@@ -62,37 +67,18 @@ class TimelinePoint:
     live_bytes: int
 
 
-@dataclass
-class OomDetails:
-    """The fields of a simulated out-of-memory error, all in bytes."""
-
-    tried: int
-    limit: int
-    in_use: int
-
-    @property
-    def free(self) -> int:
-        return max(self.limit - self.in_use, 0)
-
-
-def oom_message(details: OomDetails, where: str) -> str:
-    """A message with the fields, wording and order of CUDA's out-of-memory message."""
-    return (
-        f"{where} out of memory. Tried to allocate {format_bytes(details.tried)}. "
-        f"The budget has a total capacity of {format_bytes(details.limit)} of which "
-        f"{format_bytes(details.free)} is free. Of the allocated memory {format_bytes(details.in_use)} "
-        "is allocated by PyTorch, and 0 B is reserved by PyTorch but unallocated "
-        "(the CPU tracker has no cache, so there is no fragmentation). Free tensors you no longer "
-        "need, lower the batch size, or apply a strategy from Part III."
-    )
+AllocHook = Callable[[int, int], None]
+"""``hook(in_use, request)``: called with the bytes alive and the bytes an op is about to
+allocate (before the op when its output sizes can be computed on meta tensors, else after
+it, once per new storage). A hook that raises stops the op; the tracker frees what the op
+returned before the error propagates."""
 
 
 class StorageTracker(TorchDispatchMode):
-    """Track live storages on one device type; optionally refuse to exceed ``limit`` bytes.
+    """Track live storages on one device type.
 
     Args:
         device_type: only storages of tensors on this device type count ("cpu", "cuda").
-        limit: a budget in bytes; an op that would exceed it raises ``torch.OutOfMemoryError``.
         timeline: keep a :class:`TimelinePoint` after every op.
         round_to: round every storage up to a multiple of this many bytes (512 mimics CUDA).
     """
@@ -100,13 +86,12 @@ class StorageTracker(TorchDispatchMode):
     def __init__(
         self,
         device_type: str = "cpu",
-        limit: int | None = None,
         timeline: bool = False,
         round_to: int = 1,
     ) -> None:
         super().__init__()
         self.device_type = device_type
-        self.limit = limit
+        self._alloc_hooks: list[AllocHook] = []
         self.round_to = max(int(round_to), 1)
         self.timeline: list[TimelinePoint] | None = [] if timeline else None
         self.current_bytes = 0
@@ -119,6 +104,16 @@ class StorageTracker(TorchDispatchMode):
         self._in_optimizer = 0
         self._phase_override: str | None = None
         self._hooks: list[Any] = []
+
+    def add_alloc_hook(self, hook: AllocHook) -> None:
+        """Call ``hook(in_use, request)`` (bytes) for every allocation; see :data:`AllocHook`."""
+        self._alloc_hooks.append(hook)
+
+    def close(self) -> None:
+        """Remove every hook this tracker put on parameters and optimizers."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
 
     # -- registration -------------------------------------------------------------------
     def register(self, obj: Any, role: str | None = None) -> None:
@@ -138,14 +133,23 @@ class StorageTracker(TorchDispatchMode):
                 self._register_tensor(tensor, role or "other")
         self._update_peak()
 
-    def watch_module(self, module: torch.nn.Module) -> None:
-        """Register a module's parameters and make their future gradients count as gradients."""
+    def watch_module(self, module: torch.nn.Module, hooks: bool = True) -> None:
+        """Register a module's parameters and (with ``hooks``) make their future gradients
+        count as gradients; the hooks live until :meth:`close` (or the block's exit)."""
         for param in module.parameters():
             self._register_tensor(param, "parameters")
             if param.grad is not None:
                 self._register_tensor(param.grad, "gradients")
-            if param.requires_grad:
+            if hooks and param.requires_grad:
                 self._hooks.append(param.register_post_accumulate_grad_hook(self._on_grad))
+
+    def assign_roles(self, obj: Any) -> None:
+        """Give the storages of a module or optimizer their roles (no new hooks): for the
+        final pass after the block, when gradients and optimizer states exist."""
+        if isinstance(obj, torch.nn.Module):
+            self.watch_module(obj, hooks=False)
+        elif isinstance(obj, torch.optim.Optimizer):
+            self.mark_optimizer(obj)
 
     def mark_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Give the roles parameters / gradients / optimizer to an optimizer's tensors."""
@@ -162,13 +166,19 @@ class StorageTracker(TorchDispatchMode):
         if param.grad is not None:
             self._register_tensor(param.grad, "gradients")
 
-    def _register_tensor(self, tensor: torch.Tensor, role: str | None, op: str = "register") -> list[Record]:
+    def _register_tensor(self, tensor: torch.Tensor, role: str | None, op: str = "register",
+                         foreign: frozenset[int] = frozenset()) -> list[Record]:
+        """Record the storages of ``tensor``; those whose id is in ``foreign`` (storages of
+        the op's inputs that the tracker never saw: allocated before it started) are skipped,
+        and so is every unknown storage when ``op`` is None (only sizes of known ones refresh)."""
         if tensor.device.type != self.device_type:
             return []
         new = []
         for storage in real_storages(tensor):
             record = self._keys.get(storage)
             nbytes = self._rounded(storage.nbytes())
+            if record is None and (op is None or id(storage) in foreign):
+                continue
             if record is None:
                 record = Record(nbytes, self.phase, op, role)
                 key = next(self._counter)
@@ -227,9 +237,7 @@ class StorageTracker(TorchDispatchMode):
         try:
             super().__exit__(*exc)
         finally:
-            for hook in self._hooks:
-                hook.remove()
-            self._hooks.clear()
+            self.close()
 
     def _step_pre(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
         self._in_optimizer += 1
@@ -241,16 +249,23 @@ class StorageTracker(TorchDispatchMode):
     # -- the dispatch hook --------------------------------------------------------------
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if self.limit is not None:
-            self._precheck(func, args, kwargs)
+        if self._alloc_hooks:
+            needed = _new_output_bytes(func, args, kwargs, self.device_type, self._rounded)
+            if needed:
+                self._call_hooks(self.current_bytes, needed)
         out = func(*args, **kwargs)
         name = str(func.overloadpacket.__name__)
         before = self.current_bytes
         new = self._account(func, name, out, args, kwargs)
-        if self.limit is not None and self.current_bytes > self.limit:
-            details = self._overflow(before, new)
-            del out  # let the outputs die before the error propagates
-            raise torch.OutOfMemoryError(oom_message(details, "vramlab budget: simulated"))
+        if self._alloc_hooks and new:
+            try:
+                running = before
+                for record in new:
+                    self._call_hooks(running, record.nbytes)
+                    running += record.nbytes
+            except BaseException:
+                del out  # let the outputs die before the error propagates
+                raise
         self._update_peak()
         if any(isinstance(t, torch.Tensor) for t in tree_flatten(out)[0]):  # skip queries like prim.device
             self.ops += 1
@@ -258,32 +273,23 @@ class StorageTracker(TorchDispatchMode):
                 self.timeline.append(TimelinePoint(self.ops, name, self.phase, self.current_bytes))
         return out
 
+    def _call_hooks(self, in_use: int, request: int) -> None:
+        for hook in self._alloc_hooks:
+            hook(in_use, request)
+
     def _account(self, func: Any, name: str, out: Any, args: tuple, kwargs: dict) -> list[Record]:
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        foreign = frozenset(id(st) for t in inputs if t.device.type == self.device_type
+                            for st in real_storages(t) if self._keys.get(st) is None)
         new: list[Record] = []
         role = "other" if name == "_to_copy" and self._is_parameter(args[0]) else None  # autocast's weight copies
         for tensor in tree_flatten(out)[0]:
             if isinstance(tensor, torch.Tensor):
-                new.extend(self._register_tensor(tensor, role, name))
-        if func._schema.is_mutable:  # catches resize_ / set_ on an input
-            for tensor in tree_flatten((args, kwargs))[0]:
-                if isinstance(tensor, torch.Tensor):
-                    self._register_tensor(tensor, None, name)
+                new.extend(self._register_tensor(tensor, role, name, foreign))
+        if func._schema.is_mutable:  # resize_ / set_ on a known input: refresh its size
+            for tensor in inputs:
+                self._register_tensor(tensor, None, None)
         return new
-
-    def _overflow(self, before: int, new: list[Record]) -> OomDetails:
-        running = before
-        for record in new:
-            if running + record.nbytes > self.limit:  # type: ignore[operator]
-                return OomDetails(record.nbytes, self.limit, running)  # type: ignore[arg-type]
-            running += record.nbytes
-        return OomDetails(self.current_bytes - before, self.limit, before)  # type: ignore[arg-type]
-
-    def _precheck(self, func: Any, args: tuple, kwargs: dict) -> None:
-        """Refuse an op whose outputs would exceed the budget before it allocates real memory."""
-        needed = _new_output_bytes(func, args, kwargs, self.device_type, self._rounded)
-        if needed is not None and needed > 0 and self.current_bytes + needed > self.limit:  # type: ignore[operator]
-            details = OomDetails(needed, self.limit, self.current_bytes)  # type: ignore[arg-type]
-            raise torch.OutOfMemoryError(oom_message(details, "vramlab budget: simulated"))
 
     def _update_peak(self) -> None:
         if self.current_bytes > self.peak_bytes:

@@ -24,7 +24,7 @@ _PATTERN = re.compile(r"^\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-
 def parse_bytes(size: int | float | str) -> int:
     """Return ``size`` as a whole number of bytes.
 
-    Accepts a non-negative number of bytes, or a string such as ``"16GiB"``, ``"1.5 GiB"``,
+    Accepts a non-negative whole number of bytes, or a string such as ``"16GiB"``, ``"1.5 GiB"``,
     ``"512MiB"``, ``"16GB"`` (decimal: 16 * 10**9 bytes) or ``"4096 B"``. Unit names are
     case-insensitive. A bare prefix such as ``"16G"`` is refused because it is ambiguous.
 
@@ -37,6 +37,11 @@ def parse_bytes(size: int | float | str) -> int:
         value, factor = float(size), 1
         if math.isnan(value) or math.isinf(value):
             raise ValueError(f"size {size!r} is not a finite number of bytes")
+        if value != int(value):
+            raise ValueError(
+                f"size {size!r} is not a whole number of bytes; a bare number means bytes. "
+                f"Did you mean '{size} GiB'? Write the unit in a string."
+            )
     elif isinstance(size, str):
         match = _PATTERN.match(size)
         if not match:
