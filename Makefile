@@ -1,6 +1,6 @@
 # VRAM Lab: two commands.
 #   make lab   - create .venv if needed, install the course, start JupyterLab on chapter 00
-#   make test  - create .venv if needed, install, run unit tests + notebook hygiene + nbval
+#   make test  - create .venv if needed, install, lint (ruff), run unit tests + notebook hygiene + nbval
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -26,7 +26,11 @@ lab: $(STAMP)
 	@echo "Starting JupyterLab on chapters/00_start_here.ipynb; open the URL it prints (Ctrl-C to stop)."
 	$(BIN)/jupyter lab --no-browser --ip=127.0.0.1 --port=$(PORT) $(ROOT_FLAG) --ServerApp.root_dir=$(CURDIR) chapters/00_start_here.ipynb
 
+LINTED := utils tests bench conftest.py
+
 test: $(STAMP)
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/python -m vramlab.labs --check
 	$(BIN)/python -m pytest tests -q --nbval-lax --nbval-cell-timeout=120 \
 		--current-env -p no:cacheprovider $(NOTEBOOKS)

@@ -23,10 +23,19 @@ GRID: list[tuple[object, dict]] = [
     ("llama-2-7b", dict(batch=1, seq=4096, recipe="amp-bf16", optimizer="adamw")),
     ("llama-2-7b", dict(batch=1, seq=2048, recipe="bf16", optimizer="adamw")),
     (LLAMA7.with_(name="llama-2-7b/4 layers", num_layers=4), dict(batch=4, seq=2048, recipe="bf16", optimizer="sgd")),
-    (LLAMA7.with_(name="llama-2-7b/4 layers", num_layers=4), dict(batch=8, seq=2048, recipe="amp-bf16", optimizer="sgd", checkpointing=True)),
-    (LLAMA7.with_(name="llama-2-7b/2 layers", num_layers=2), dict(batch=2, seq=1024, recipe="fp32", optimizer="sgd", attention="eager")),
+    (
+        LLAMA7.with_(name="llama-2-7b/4 layers", num_layers=4),
+        dict(batch=8, seq=2048, recipe="amp-bf16", optimizer="sgd", checkpointing=True),
+    ),
+    (
+        LLAMA7.with_(name="llama-2-7b/2 layers", num_layers=2),
+        dict(batch=2, seq=1024, recipe="fp32", optimizer="sgd", attention="eager"),
+    ),
     ("llama-3-8b", dict(batch=1, seq=8192, recipe="amp-bf16", optimizer="adamw", checkpointing=True)),
-    (get_arch("llama-3-8b").with_(name="llama-3-8b/2 layers", num_layers=2), dict(batch=2, seq=4096, recipe="amp-fp16", optimizer="sgd-momentum")),
+    (
+        get_arch("llama-3-8b").with_(name="llama-3-8b/2 layers", num_layers=2),
+        dict(batch=2, seq=4096, recipe="amp-fp16", optimizer="sgd-momentum"),
+    ),
     ("mistral-7b", dict(batch=2, seq=4096, recipe="bf16", optimizer="sgd", checkpointing=True)),
     ("qwen2.5-0.5b", dict(batch=4, seq=2048, recipe="amp-bf16", optimizer="adamw")),
     ("qwen2.5-0.5b", dict(batch=1, seq=256, recipe="amp-bf16", optimizer="sgd")),
@@ -81,7 +90,10 @@ def main() -> int:
         err = abs(est.peak_bytes - dry.peak_bytes) / dry.peak_bytes
         worst[kind] = max(worst[kind], err)
         name = model if isinstance(model, str) else model.name
-        print(f"| {name} | {describe(setup)} | {kind} | {format_bytes(est.peak_bytes)} | {format_bytes(dry.peak_bytes)} | {err:.2%} |")
+        print(
+            f"| {name} | {describe(setup)} | {kind} | {format_bytes(est.peak_bytes)} "
+            f"| {format_bytes(dry.peak_bytes)} | {err:.2%} |"
+        )
     print()
     ok = True
     for kind, target in TARGETS.items():
@@ -91,8 +103,10 @@ def main() -> int:
     seconds, rss = cost_of_7b_dry_run()
     met = seconds < 30 and rss < 1024
     ok &= met
-    print(f"Llama-2-7B training-step dry run: {seconds:.1f} s, peak RSS {rss:.0f} MiB, imports included "
-          f"(target under 30 s and 1 GiB: {'met' if met else 'MISSED'})")
+    print(
+        f"Llama-2-7B training-step dry run: {seconds:.1f} s, peak RSS {rss:.0f} MiB, imports included "
+        f"(target under 30 s and 1 GiB: {'met' if met else 'MISSED'})"
+    )
     return 0 if ok else 1
 
 

@@ -13,7 +13,7 @@ def test_budget_raises_a_real_oom_with_cudas_fields():
     x = torch.zeros(1000)
     with pytest.raises(torch.OutOfMemoryError) as info:
         with budget("1 MiB", x):
-            y = torch.empty(2 * 2**20 // 4)  # 2 MiB
+            torch.empty(2 * 2**20 // 4)  # 2 MiB
     text = str(info.value)
     assert "Tried to allocate 2.00 MiB" in text
     assert "total capacity of 1.00 MiB" in text
@@ -34,7 +34,7 @@ def test_memory_returns_to_baseline_after_oom():
         for _ in range(3):
             try:
                 with budget("1 MiB", model):
-                    h = model(torch.randn(512, 256))  # 512 KiB of input + 512 KiB output: too much
+                    model(torch.randn(512, 256))  # 512 KiB of input + 512 KiB output: too much
             except torch.OutOfMemoryError:
                 pass
         gc.collect()
@@ -98,8 +98,13 @@ def test_the_budget_message_round_trips_through_the_parser():
     from vramlab.oom import format_oom_message, parse_oom_message
 
     message = format_oom_message(tried=32 * MiB, capacity=2 * GiB, in_use=1536 * MiB)
-    assert parse_oom_message(message) == {"tried": 32 * MiB, "total": 2 * GiB, "free": 512 * MiB,
-                                          "allocated": 1536 * MiB, "reserved_unallocated": 0}
+    assert parse_oom_message(message) == {
+        "tried": 32 * MiB,
+        "total": 2 * GiB,
+        "free": 512 * MiB,
+        "allocated": 1536 * MiB,
+        "reserved_unallocated": 0,
+    }
     odd = parse_oom_message(format_oom_message(tried=12_345_678, capacity=98_765_432, in_use=55_555_555))
     for name, want in (("tried", 12_345_678), ("total", 98_765_432), ("allocated", 55_555_555)):
         assert abs(odd[name] - want) <= 0.005 * MiB  # the message prints 2 decimals of MiB
@@ -111,5 +116,22 @@ def test_the_raised_message_is_the_one_oom_writes():
     with pytest.raises(torch.OutOfMemoryError) as err:
         with budget("1 MiB"):
             torch.empty(2 * MiB, dtype=torch.uint8)
-    assert parse_oom_message(str(err.value)) == {"tried": 2 * MiB, "total": MiB, "free": MiB,
-                                                 "allocated": 0, "reserved_unallocated": 0}
+    assert parse_oom_message(str(err.value)) == {
+        "tried": 2 * MiB,
+        "total": MiB,
+        "free": MiB,
+        "allocated": 0,
+        "reserved_unallocated": 0,
+    }
+
+
+def test_other_threads_are_not_seen_as_the_docstring_says():
+    import threading
+
+    made = {}
+    with budget("1 KiB") as m:
+        worker = threading.Thread(target=lambda: made.setdefault("x", torch.zeros(10**6)))
+        worker.start()
+        worker.join()
+    assert made["x"].nbytes == 4 * 10**6 and m.peak_bytes == 0
+    assert "thread-local" in budget.__doc__ and "not refused" in budget.__doc__

@@ -17,29 +17,37 @@ def run_json(capsys, *args):
 def test_estimate_json_shape(capsys):
     obj = run_json(capsys, "estimate", "gpt2", "--batch", "2", "--seq", "512")
     assert obj["model"] == "gpt2" and obj["params"] == 124_439_808 and obj["source"] == "formula"
-    assert set(obj["bytes"]) == KEYS
-    assert obj["peak_bytes"] == sum(obj["bytes"].values())
+    assert set(obj["breakdown"]) == KEYS
+    assert obj["peak_bytes"] == sum(obj["breakdown"].values())
 
 
 def test_estimate_and_dryrun_agree_on_llama_7b(capsys):
     args = ["llama-2-7b", "--batch", "1", "--seq", "4096", "--recipe", "amp-bf16"]
     est = run_json(capsys, "estimate", *args)
     dry = run_json(capsys, "dryrun", *args)
-    assert dry["source"] == "dry-run" and set(dry["bytes"]) == KEYS
+    assert dry["source"] == "dry-run" and set(dry["breakdown"]) == KEYS
     assert est["params"] == dry["params"] == 6_738_415_616
     assert abs(est["peak_bytes"] - dry["peak_bytes"]) / dry["peak_bytes"] < 0.05
 
 
 def test_inference_json(capsys):
     obj = run_json(capsys, "estimate", "llama-3-8b", "--seq", "8192", "--recipe", "bf16", "--inference")
-    assert obj["bytes"]["gradients"] == obj["bytes"]["optimizer"] == 0
+    assert obj["breakdown"]["gradients"] == obj["breakdown"]["optimizer"] == 0
     assert obj["kv_cache_bytes"] == 2 * 32 * 8 * 128 * 8192 * 2
 
 
 def test_config_json(tmp_path, capsys):
-    cfg = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
-           "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
-           "max_position_embeddings": 4096, "tie_word_embeddings": False}
+    cfg = {
+        "model_type": "llama",
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+    }
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg))
     obj = run_json(capsys, "estimate", "--config", str(path))
@@ -58,16 +66,19 @@ def test_models_lists_the_registry(capsys):
     assert "llama-2-70b" in out and "68,976,648,192" in out
 
 
-@pytest.mark.parametrize("args, words", [
-    (["estimate", "gpt5"], "unknown model"),
-    (["estimate", "gpt2", "--batch", "-2"], "batch must be a positive integer"),
-    (["estimate", "gpt2", "--recipe", "fp8"], "invalid choice"),
-    (["estimate", "gpt2", "--batch", "two"], "invalid int value"),
-    (["estimate"], "name a model"),
-    (["estimate", "--config", "/nonexistent/config.json"], "no config file"),
-    (["dryrun", "gpt2", "--optimizer", "adafactor"], "no dry-run path"),
-    (["frobnicate"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["estimate", "gpt5"], "unknown model"),
+        (["estimate", "gpt2", "--batch", "-2"], "batch must be a positive integer"),
+        (["estimate", "gpt2", "--recipe", "fp8"], "invalid choice"),
+        (["estimate", "gpt2", "--batch", "two"], "invalid int value"),
+        (["estimate"], "name a model"),
+        (["estimate", "--config", "/nonexistent/config.json"], "no config file"),
+        (["dryrun", "gpt2", "--optimizer", "adafactor"], "no dry-run path"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
 def test_bad_arguments_one_line_exit_2(args, words, capsys):
     with pytest.raises(SystemExit) as info:
         code = main(args)
@@ -78,6 +89,7 @@ def test_bad_arguments_one_line_exit_2(args, words, capsys):
 
 
 def test_console_script_is_installed():
-    out = subprocess.run([sys.executable, "-m", "vramlab.cli", "estimate", "gpt2", "--json"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "vramlab.cli", "estimate", "gpt2", "--json"], capture_output=True, text=True, check=True
+    ).stdout
     assert json.loads(out)["params"] == 124_439_808

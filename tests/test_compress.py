@@ -2,15 +2,14 @@
 
 import copy
 import math
+import sys
 
 import pytest
 import torch
 from torch import nn
 
-import sys
-
 import vramlab.estimate  # noqa: F401  (the module; `vramlab.estimate` the attribute is the function)
-from vramlab import minilm, storage_bytes
+from vramlab import get_arch, minilm, storage_bytes
 from vramlab import numformats as F
 from vramlab import prune as P
 from vramlab import quantize as Q
@@ -38,13 +37,16 @@ def test_nf4_code_and_quantization_equal_bitsandbytes(bnb):
     assert torch.allclose(F.nf4_quantize(x, 64).dequantize(), BF.dequantize_4bit(packed, state), atol=1e-6)
 
 
-@pytest.mark.parametrize("make, per_value", [
-    (lambda x: F.absmax_quantize(x), 1 + 4 / 4096),
-    (lambda x: F.absmax_quantize(x, block=64), 1 + 4 / 64),
-    (lambda x: F.absmax_quantize(x, bits=4, block=64), 0.5 + 4 / 64),
-    (lambda x: F.zeropoint_quantize(x), 1 + 5 / 4096),
-    (lambda x: F.nf4_quantize(x, 64), 0.5 + 4 / 64 + 64 / 4096),
-])
+@pytest.mark.parametrize(
+    "make, per_value",
+    [
+        (lambda x: F.absmax_quantize(x), 1 + 4 / 4096),
+        (lambda x: F.absmax_quantize(x, block=64), 1 + 4 / 64),
+        (lambda x: F.absmax_quantize(x, bits=4, block=64), 0.5 + 4 / 64),
+        (lambda x: F.zeropoint_quantize(x), 1 + 5 / 4096),
+        (lambda x: F.nf4_quantize(x, 64), 0.5 + 4 / 64 + 64 / 4096),
+    ],
+)
 def test_measured_bytes_per_value(make, per_value):
     assert make(torch.randn(64, 64)).bytes_per_value == pytest.approx(per_value, abs=1e-12)
 
@@ -73,23 +75,29 @@ def test_zero_point_beats_absmax_on_positive_values():
     assert F.relative_error(x, F.zeropoint_quantize(x)) < 0.6 * F.relative_error(x, F.absmax_quantize(x))
 
 
-@pytest.mark.parametrize("bad, error", [
-    (lambda: F.absmax_quantize(torch.arange(4)), TypeError),
-    (lambda: F.absmax_quantize([1.0, 2.0]), TypeError),
-    (lambda: F.absmax_quantize(torch.randn(4), bits=9), ValueError),
-    (lambda: F.absmax_quantize(torch.randn(4), block=0), ValueError),
-    (lambda: F.nf4_quantize(torch.empty(0)), ValueError),
-])
+@pytest.mark.parametrize(
+    "bad, error",
+    [
+        (lambda: F.absmax_quantize(torch.arange(4)), TypeError),
+        (lambda: F.absmax_quantize([1.0, 2.0]), TypeError),
+        (lambda: F.absmax_quantize(torch.randn(4), bits=9), ValueError),
+        (lambda: F.absmax_quantize(torch.randn(4), block=0), ValueError),
+        (lambda: F.nf4_quantize(torch.empty(0)), ValueError),
+    ],
+)
 def test_number_formats_reject_bad_input(bad, error):
     with pytest.raises(error):
         bad()
 
 
 # ------------------------------------------------------------------ storages of quantized layers
-@pytest.mark.parametrize("shape, double_quant", [((4096, 512), True), ((1000, 333), True), ((1000, 333), False), ((7, 9), False)])
+@pytest.mark.parametrize(
+    "shape, double_quant", [((4096, 512), True), ((1000, 333), True), ((1000, 333), False), ((7, 9), False)]
+)
 def test_bnb_nf4_bytes_counted_and_equal_formula(bnb, shape, double_quant):
-    p = bnb.nn.Params4bit(torch.randn(*shape), requires_grad=False, quant_type="nf4", blocksize=64,
-                          compress_statistics=double_quant).to("cpu")
+    p = bnb.nn.Params4bit(
+        torch.randn(*shape), requires_grad=False, quant_type="nf4", blocksize=64, compress_statistics=double_quant
+    ).to("cpu")
     assert storage_bytes(p) == E.nf4_tensor_bytes(shape[0] * shape[1], double_quant=double_quant)
     assert storage_bytes(p) > p.untyped_storage().nbytes()  # the constants live beside the codes
 
@@ -116,7 +124,7 @@ def test_bnb_linears_rejects_other_bit_widths():
 
 # ------------------------------------------------------------------ QLoRA arithmetic
 def test_lora_params_equal_real_adapters():
-    arch = E.get_arch("llama-2-7b")
+    arch = get_arch("llama-2-7b")
     rank = 8
     count = 0
     for out_f, in_f in E.linear_shapes(arch).values():
@@ -130,9 +138,9 @@ def test_lora_params_equal_real_adapters():
 def test_qlora_estimate_parts():
     est = E.qlora_estimate("llama-2-7b", rank=16, batch=1, seq=512)
     adapters = E.lora_param_count("llama-2-7b", 16)
-    assert est.bytes["gradients"] == 4 * adapters and est.bytes["optimizer"] == 8 * adapters
-    assert est.peak_bytes == sum(est.bytes.values())
-    weights = est.bytes["parameters"] - 4 * adapters
+    assert est.breakdown["gradients"] == 4 * adapters and est.breakdown["optimizer"] == 8 * adapters
+    assert est.peak_bytes == sum(est.breakdown.values())
+    weights = est.breakdown["parameters"] - 4 * adapters
     assert 0.25 < weights / (2 * E.param_count("llama-2-7b")) < 0.32  # NF4 body, bf16 embedding and head
     with pytest.raises(ValueError):
         E.qlora_estimate("llama-2-7b", batch=-1)

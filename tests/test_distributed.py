@@ -83,6 +83,7 @@ def test_train_reports_a_budget_that_refuses_before_the_first_step():
 def test_notebook_functions_and_bad_arguments_are_refused():
     def local(rank):
         return rank
+
     with pytest.raises(ValueError, match="cannot import it"):
         launch(local, 2)
     with pytest.raises(ValueError, match="world_size"):
@@ -97,7 +98,7 @@ def test_strategies_measured_per_rank_and_losses_equal_one_process():
     params = GPTConfig(**CFG).params
     assert ddp["param_bytes"] == ddp["grad_bytes"] == 4 * params and ddp["optimizer_bytes"] >= 8 * params
     assert fsdp["param_bytes"] == pytest.approx(2 * params, rel=0.02) and fsdp["grad_bytes"] == fsdp["param_bytes"]
-    assert ddp["comm_bytes_per_step"]["all-reduce"] == 4 * params               # the gradients, once
+    assert ddp["comm_bytes_per_step"]["all-reduce"] == 4 * params  # the gradients, once
     assert fsdp["comm_bytes_per_step"]["all-gather"] == 2 * fsdp["param_bytes"]  # shards gathered twice
     solo = PL.train(Rank.in_process(), "single", CFG, 4, 2)
     for run in (ddp, fsdp):
@@ -126,7 +127,9 @@ def test_ring_traffic():
         ring_traffic_bytes({"gossip": 1}, 2)
 
 
-@pytest.mark.parametrize("stage, want", [(0, (400, 400, 800)), (1, (400, 400, 200)), (2, (400, 100, 200)), (3, (100, 100, 200))])
+@pytest.mark.parametrize(
+    "stage, want", [(0, (400, 400, 800)), (1, (400, 400, 200)), (2, (400, 100, 200)), (3, (100, 100, 200))]
+)
 def test_zero_bytes_per_rank(stage, want):
     got = E.zero_bytes_per_rank(100, 4, stage)
     assert (got["parameters"], got["gradients"], got["optimizer"]) == want

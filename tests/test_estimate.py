@@ -1,19 +1,30 @@
 """Formulas against published numbers, real modules, and the dry run."""
 
 import pytest
-import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from vramlab import REGISTRY, estimate, get_arch, kv_cache_bytes, param_count
 from vramlab.dryrun import build_hf_model, dryrun, realrun
-from vramlab.estimate import (activation_bytes, korthikanti_bytes_per_layer, kv_cache_bytes_classic,
-                              optimizer_state_bytes, weight_bytes)
+from vramlab.estimate import (
+    activation_bytes,
+    korthikanti_bytes_per_layer,
+    kv_cache_bytes_classic,
+    optimizer_state_bytes,
+    weight_bytes,
+)
 
 PUBLISHED = {  # parameter counts reported for the released checkpoints
-    "gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200,
-    "llama-2-7b": 6_738_415_616, "llama-2-13b": 13_015_864_320, "llama-2-70b": 68_976_648_192,
-    "llama-3-8b": 8_030_261_248, "mistral-7b": 7_241_732_096,
-    "qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304,
+    "gpt2": 124_439_808,
+    "gpt2-medium": 354_823_168,
+    "gpt2-large": 774_030_080,
+    "gpt2-xl": 1_557_611_200,
+    "llama-2-7b": 6_738_415_616,
+    "llama-2-13b": 13_015_864_320,
+    "llama-2-70b": 68_976_648_192,
+    "llama-3-8b": 8_030_261_248,
+    "mistral-7b": 7_241_732_096,
+    "qwen2.5-0.5b": 494_032_768,
+    "qwen2.5-1.5b": 1_543_714_304,
 }
 
 
@@ -44,8 +55,8 @@ def test_adam_16_bytes_per_parameter_rule():
     est = estimate(arch, batch=1, seq=16, recipe="fp32", optimizer="adamw")
     # fp32 weights + fp32 grads + two fp32 moments = 16 B/param; foreach AdamW adds a 4 B/param temporary
     assert est.peak_moment == "optimizer step"
-    assert est.bytes["parameters"] + est.bytes["gradients"] + est.bytes["optimizer"] == 16 * P
-    assert est.bytes["other"] == 4 * P
+    assert est.breakdown["parameters"] + est.breakdown["gradients"] + est.breakdown["optimizer"] == 16 * P
+    assert est.breakdown["other"] == 4 * P
     assert optimizer_state_bytes(arch, "sgd") == 0
     assert optimizer_state_bytes(arch, "sgd-momentum") == 4 * P
     assert optimizer_state_bytes(arch, "adamw", "bf16") == 4 * P
@@ -95,17 +106,34 @@ def test_unknown_names():
         estimate("gpt2", optimizer="lion")
 
 
-TINY_LLAMA = get_arch("llama-2-7b").with_(name="tiny-llama", vocab_size=512, hidden_size=64, num_layers=2,
-                                           num_heads=4, num_kv_heads=2, intermediate_size=160)
-TINY_GPT2 = get_arch("gpt2").with_(name="tiny-gpt2", vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4,
-                                   intermediate_size=256, max_position=128)
+TINY_LLAMA = get_arch("llama-2-7b").with_(
+    name="tiny-llama", vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=160
+)
+TINY_GPT2 = get_arch("gpt2").with_(
+    name="tiny-gpt2",
+    vocab_size=512,
+    hidden_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=4,
+    intermediate_size=256,
+    max_position=128,
+)
 
 
 @pytest.mark.parametrize("arch", [TINY_LLAMA, TINY_GPT2], ids=lambda a: a.name)
-@pytest.mark.parametrize("setup", [
-    dict(recipe="fp32"), dict(recipe="amp-bf16"), dict(recipe="bf16", optimizer="sgd"),
-    dict(recipe="fp32", checkpointing=True), dict(recipe="fp32", inference=True), dict(recipe="bf16", inference=True),
-], ids=str)
+@pytest.mark.parametrize(
+    "setup",
+    [
+        dict(recipe="fp32"),
+        dict(recipe="amp-bf16"),
+        dict(recipe="bf16", optimizer="sgd"),
+        dict(recipe="fp32", checkpointing=True),
+        dict(recipe="fp32", inference=True),
+        dict(recipe="bf16", inference=True),
+    ],
+    ids=str,
+)
 def test_dry_run_equals_a_real_cpu_run(arch, setup):
     fake = dryrun(arch, batch=2, seq=64, **setup)
     real = realrun(arch, batch=2, seq=64, **setup)
@@ -137,8 +165,16 @@ def test_7b_dry_run_agrees_with_the_formula():
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama-3-8b", "qwen2.5-0.5b"])
-@pytest.mark.parametrize("setup", [dict(recipe="fp32"), dict(recipe="amp-bf16", attention="eager"),
-                                   dict(recipe="bf16"), dict(recipe="amp-fp16", checkpointing=True)], ids=str)
+@pytest.mark.parametrize(
+    "setup",
+    [
+        dict(recipe="fp32"),
+        dict(recipe="amp-bf16", attention="eager"),
+        dict(recipe="bf16"),
+        dict(recipe="amp-fp16", checkpointing=True),
+    ],
+    ids=str,
+)
 def test_activation_formula_equals_saved_tensors_of_the_dry_run(name, setup):
     from vramlab.dryrun import saved_activations
 

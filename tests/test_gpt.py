@@ -56,7 +56,9 @@ def test_too_long_input():
         model(torch.zeros(1, 9, dtype=torch.long))
 
 
-@pytest.mark.parametrize("setting", [dict(every=1), dict(every=2), dict(attention_only=True), dict(segments=2)], ids=str)
+@pytest.mark.parametrize(
+    "setting", [dict(every=1), dict(every=2), dict(attention_only=True), dict(segments=2)], ids=str
+)
 def test_checkpointing_keeps_gradients_and_lowers_the_peak(setting):
     from vramlab import measure
 

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
+from notebook_code import defined_in
 from vramlab.checks import CheckFailed, lab01
 from vramlab.labs import make_lab
-from notebook_code import defined_in
 from vramlab.notebooks import load
 
 SOLUTION = Path(__file__).resolve().parent.parent / "solutions" / "lab01_predict_then_measure.ipynb"
@@ -27,9 +27,13 @@ def stub():
     return functions(make_lab(load(SOLUTION)))
 
 
-CHECKS = [("check_param_bytes", "predict_param_bytes"), ("check_grad_bytes", "predict_grad_bytes"),
-          ("check_optimizer_bytes", "predict_optimizer_bytes"), ("check_activation_bytes", "predict_activation_bytes"),
-          ("check_fits", "predict_fits")]
+CHECKS = [
+    ("check_param_bytes", "predict_param_bytes"),
+    ("check_grad_bytes", "predict_grad_bytes"),
+    ("check_optimizer_bytes", "predict_optimizer_bytes"),
+    ("check_activation_bytes", "predict_activation_bytes"),
+    ("check_fits", "predict_fits"),
+]
 
 
 @pytest.mark.parametrize("check, fn", CHECKS)
@@ -51,7 +55,7 @@ def test_params_wrong_answers(right):
         "LayerNorms forgotten": lambda c: P(c) - 4 * (4 * c.hidden * c.layers + 2 * c.hidden),
         "MLP ratio fixed at 4": lambda c: P(c) + 4 * c.layers * (2 * c.hidden + 1) * (4 - c.mlp_ratio) * c.hidden,
     }
-    for label, fn in wrong.items():
+    for fn in wrong.values():  # the keys say what each wrong model gets wrong
         with pytest.raises(CheckFailed):
             lab01.check_param_bytes(fn)
 
@@ -69,11 +73,14 @@ def test_grads_ignoring_frozen_fails(right):
         lab01.check_grad_bytes(lambda c, frozen_embedding=False: right["predict_param_bytes"](c))
 
 
-@pytest.mark.parametrize("rule", [
-    {"sgd": 0, "sgd-momentum": 1, "adamw": 3},   # counts the gradients as optimizer state
-    {"sgd": 0, "sgd-momentum": 0, "adamw": 2},   # forgets the momentum buffer
-    {"sgd": 1, "sgd-momentum": 1, "adamw": 2},   # thinks SGD keeps a copy
-])
+@pytest.mark.parametrize(
+    "rule",
+    [
+        {"sgd": 0, "sgd-momentum": 1, "adamw": 3},  # counts the gradients as optimizer state
+        {"sgd": 0, "sgd-momentum": 0, "adamw": 2},  # forgets the momentum buffer
+        {"sgd": 1, "sgd-momentum": 1, "adamw": 2},  # thinks SGD keeps a copy
+    ],
+)
 def test_optimizer_wrong_rules(right, rule):
     P = right["predict_param_bytes"]
     with pytest.raises(CheckFailed):
@@ -85,20 +92,22 @@ def test_activations_wrong_answers(right):
     with pytest.raises(CheckFailed, match="vocabulary"):
         lab01.check_activation_bytes(lambda c, batch: A(c, batch) - 4 * batch * (c.seq_len - 1) * c.vocab_size)
     with pytest.raises(CheckFailed, match="each transformer block is off"):
-        lab01.check_activation_bytes(lambda c, batch: A(c, batch) - batch * (c.seq_len - 1) * c.layers * 4 * 2 * c.mlp_ratio * c.hidden)
+        lab01.check_activation_bytes(
+            lambda c, batch: A(c, batch) - batch * (c.seq_len - 1) * c.layers * 4 * 2 * c.mlp_ratio * c.hidden
+        )
     with pytest.raises(CheckFailed):
         lab01.check_activation_bytes(lambda c, batch: A(c, batch) * c.seq_len // (c.seq_len - 1) * 105 // 100)
 
 
 def test_fits_wrong_models(right):
-    P, O, A = right["predict_param_bytes"], right["predict_optimizer_bytes"], right["predict_activation_bytes"]
+    P, A = right["predict_param_bytes"], right["predict_activation_bytes"]
     wrong = {
         "always fits": lambda c, b, budget: True,
         "never fits": lambda c, b, budget: False,
         "16 bytes per parameter, activations ignored": lambda c, b, budget: 4 * P(c) <= budget,
         "activations only, optimizer step ignored": lambda c, b, budget: P(c) + A(c, b) <= budget,
     }
-    for label, fn in wrong.items():
+    for fn in wrong.values():  # the keys say what each wrong model gets wrong
         with pytest.raises(CheckFailed):
             lab01.check_fits(fn)
     with pytest.raises(CheckFailed, match="expected True or False"):

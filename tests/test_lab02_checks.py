@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch.nn.functional as F
 
+from notebook_code import defined_in
 from vramlab.checks import CheckFailed, lab02
 from vramlab.labs import make_lab
-from notebook_code import defined_in
 from vramlab.notebooks import load
 
 SOLUTION = Path(__file__).resolve().parent.parent / "solutions" / "lab02_debug_the_oom.ipynb"
@@ -30,6 +30,7 @@ def make_loop(micro=4, divide=True, keep="float", use=1.0):
                 history.append({"float": loss.item(), "tensor": loss, "logits": logits}[keep])
             opt.step()
         return history
+
     return train
 
 
@@ -41,14 +42,17 @@ def test_stub_is_not_attempted():
     assert lab02.check_train(train_from(make_lab(load(SOLUTION)))).status == "not attempted yet"
 
 
-@pytest.mark.parametrize("wrong, words", [
-    (lab02.train_original, "out of memory at iteration 1"),
-    (make_loop(micro=1), "out of memory at iteration 1"),                 # leak fixed, batch still too big
-    (make_loop(keep="logits"), "out of memory at iteration"),             # micro-batched, still keeps the logits
-    (make_loop(keep="tensor"), "leaks per iteration"),                    # keeps loss tensors: a small leak
-    (make_loop(divide=False), "differ from the full-batch gradients"),    # forgot to divide by k
-    (make_loop(use=0.25, micro=1), "differ from the full-batch gradients"),  # smaller effective batch
-])
+@pytest.mark.parametrize(
+    "wrong, words",
+    [
+        (lab02.train_original, "out of memory at iteration 1"),
+        (make_loop(micro=1), "out of memory at iteration 1"),  # leak fixed, batch still too big
+        (make_loop(keep="logits"), "out of memory at iteration"),  # micro-batched, still keeps the logits
+        (make_loop(keep="tensor"), "leaks per iteration"),  # keeps loss tensors: a small leak
+        (make_loop(divide=False), "differ from the full-batch gradients"),  # forgot to divide by k
+        (make_loop(use=0.25, micro=1), "differ from the full-batch gradients"),  # smaller effective batch
+    ],
+)
 def test_wrong_fixes_fail(wrong, words):
     with pytest.raises(CheckFailed, match=words):
         lab02.check_train(wrong)
@@ -62,6 +66,7 @@ def test_zeroing_after_the_step_is_explained():
             opt.step()
             opt.zero_grad(set_to_none=True)
         return []
+
     with pytest.raises(CheckFailed, match="start of each iteration"):
         lab02.check_train(zero_late)
 
@@ -76,5 +81,6 @@ def test_nan_gradients_fail():
                 p.grad.fill_(float("nan"))
             opt.step()
         return []
+
     with pytest.raises(CheckFailed, match="differ from the full-batch gradients"):
         lab02.check_train(nan_grads)

@@ -29,6 +29,7 @@ def micro_step(k=4, divide=True, use=1.0):
             total += loss.item()
         opt.step()
         return total
+
     return step
 
 
@@ -53,18 +54,24 @@ def test_stub_is_not_attempted():
     assert lab03.check_scaling(configure, step).status == "not attempted yet"
 
 
-@pytest.mark.parametrize("configure, step, words", [
-    (lab03.naive_configure, lab03.naive_step, "out of memory at step 1"),
-    (checkpointed, micro_step(divide=False), "differ from the full-batch gradients"),
-    (checkpointed, micro_step(use=0.5, k=2), "differ from the full-batch gradients"),
-])
+@pytest.mark.parametrize(
+    "configure, step, words",
+    [
+        (lab03.naive_configure, lab03.naive_step, "out of memory at step 1"),
+        (checkpointed, micro_step(divide=False), "differ from the full-batch gradients"),
+        (checkpointed, micro_step(use=0.5, k=2), "differ from the full-batch gradients"),
+    ],
+)
 def test_wrong_recipes_fail_the_fit(configure, step, words):
     with pytest.raises(CheckFailed, match=words):
         lab03.check_fit(configure, step)
 
 
-@pytest.mark.parametrize("configure, step", [(plain, micro_step()), (checkpointed, lab03.naive_step)],
-                         ids=["micro-batches only", "checkpointing only"])
+@pytest.mark.parametrize(
+    "configure, step",
+    [(plain, micro_step()), (checkpointed, lab03.naive_step)],
+    ids=["micro-batches only", "checkpointing only"],
+)
 def test_one_technique_alone_misses_the_4x_target(configure, step):
     with pytest.raises(CheckFailed, match="activations dominate"):
         lab03.check_scaling(configure, step)

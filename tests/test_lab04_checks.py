@@ -15,8 +15,10 @@ from vramlab.labs import make_lab
 from vramlab.notebooks import load
 
 SOLUTION = Path(__file__).resolve().parent.parent / "solutions" / "lab04_shrink_a_real_model.ipynb"
-PRELUDE = ("import copy\nimport torch\nfrom torch import nn\nfrom vramlab import storage_bytes\n"
-           "from vramlab import prune as P\nfrom vramlab import quantize as Q")
+PRELUDE = (
+    "import copy\nimport torch\nfrom torch import nn\nfrom vramlab import storage_bytes\n"
+    "from vramlab import prune as P\nfrom vramlab import quantize as Q"
+)
 
 
 def answers(nb):
@@ -34,20 +36,29 @@ def test_solution_passes_every_check():
 
 def test_stub_is_not_attempted():
     int8_bytes, shrink = answers(make_lab(load(SOLUTION)))
-    for check, fn in ((lab04.check_int8_prediction, int8_bytes), (lab04.check_size, shrink), (lab04.check_quality, shrink)):
+    for check, fn in (
+        (lab04.check_int8_prediction, int8_bytes),
+        (lab04.check_size, shrink),
+        (lab04.check_quality, shrink),
+    ):
         assert check(fn).status == "not attempted yet"
 
 
 def codes_only(model):  # forgets the per-row scale and zero point
-    return sum(p.numel() * (1 if type(m) in (nn.Linear, nn.Embedding) and n == "weight" else p.element_size())
-               for m in model.modules() for n, p in m.named_parameters(recurse=False))
+    return sum(
+        p.numel() * (1 if type(m) in (nn.Linear, nn.Embedding) and n == "weight" else p.element_size())
+        for m in model.modules()
+        for n, p in m.named_parameters(recurse=False)
+    )
 
 
 def linears_only(model):  # forgets that torchao quantizes the embedding tables too
     total = 0
     for m in model.modules():
         for n, p in m.named_parameters(recurse=False):
-            total += p.numel() + 5 * p.shape[0] if type(m) is nn.Linear and n == "weight" else p.numel() * p.element_size()
+            total += (
+                p.numel() + 5 * p.shape[0] if type(m) is nn.Linear and n == "weight" else p.numel() * p.element_size()
+            )
     return total
 
 

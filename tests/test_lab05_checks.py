@@ -25,15 +25,18 @@ def test_stub_is_not_attempted():
     assert lab05.check_sharding(learner_plan(make_lab(load(SOLUTION)))).status == "not attempted yet"
 
 
-@pytest.mark.parametrize("plan, words", [
-    ({"strategy": "ddp", "batch_per_rank": 2, "checkpointing": True}, "ran out of memory"),
-    ({"strategy": "zero1", "batch_per_rank": 2, "checkpointing": True}, "ran out of memory"),
-    ({"strategy": "fsdp", "batch_per_rank": 1, "checkpointing": False}, "differ from one process"),
-    ({"strategy": "fsdp", "batch_per_rank": 2}, "exactly the keys"),
-    ({"strategy": "zero3", "batch_per_rank": 2, "checkpointing": False}, "unknown strategy"),
-    ({"strategy": "fsdp", "batch_per_rank": 0, "checkpointing": False}, "positive int"),
-    ("fsdp", "must return a dict"),
-])
+@pytest.mark.parametrize(
+    "plan, words",
+    [
+        ({"strategy": "ddp", "batch_per_rank": 2, "checkpointing": True}, "ran out of memory"),
+        ({"strategy": "zero1", "batch_per_rank": 2, "checkpointing": True}, "ran out of memory"),
+        ({"strategy": "fsdp", "batch_per_rank": 1, "checkpointing": False}, "differ from one process"),
+        ({"strategy": "fsdp", "batch_per_rank": 2}, "exactly the keys"),
+        ({"strategy": "zero3", "batch_per_rank": 2, "checkpointing": False}, "unknown strategy"),
+        ({"strategy": "fsdp", "batch_per_rank": 0, "checkpointing": False}, "positive int"),
+        ("fsdp", "must return a dict"),
+    ],
+)
 def test_wrong_plans_fail(plan, words):
     with pytest.raises(CheckFailed, match=words):
         lab05.check_sharding(lambda: plan)

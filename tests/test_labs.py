@@ -42,6 +42,7 @@ def test_solution_passes(capsys):
 def test_wrong_answer_fails_with_a_hint():
     def wrong(n):
         return 2 * n  # thinks fp32 is 2 bytes
+
     with pytest.raises(checks.CheckFailed, match="four bytes each") as info:
         checks.check_bytes("fp32 bytes", wrong, [((10,), {}, 40)], 0.0, "four bytes each")
     assert "off by 50.0%" in str(info.value)
@@ -50,6 +51,7 @@ def test_wrong_answer_fails_with_a_hint():
 def test_answer_tuned_to_one_case_fails():
     def tuned(n):
         return 40
+
     with pytest.raises(checks.CheckFailed):
         checks.check_bytes("fp32 bytes", tuned, [((10,), {}, 40), ((7,), {}, 28)], 0.0, "four bytes each")
 

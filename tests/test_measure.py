@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import vramlab
-from vramlab import measure, storage_bytes
+from vramlab import MiB, measure, storage_bytes
 from vramlab.device import NoGPUError
 
 
@@ -88,8 +88,9 @@ def test_sparse_storage_counts_indices_and_values():
     assert storage_bytes(coo) == 2 * 10 * 8 + 10 * 4  # int64 indices (2 x nnz) + fp32 values
     # the view trap: col_indices is a view into the 2 x nnz COO index storage it came from
     assert storage_bytes(csr) == 101 * 8 + 2 * 10 * 8 + 10 * 4
-    compact = torch.sparse_csr_tensor(csr.crow_indices().clone(), csr.col_indices().clone(),
-                                      csr.values().clone(), csr.shape, check_invariants=True)
+    compact = torch.sparse_csr_tensor(
+        csr.crow_indices().clone(), csr.col_indices().clone(), csr.values().clone(), csr.shape, check_invariants=True
+    )
     assert storage_bytes(compact) == 101 * 8 + 10 * 8 + 10 * 4  # crow (rows+1), col, values
 
 
@@ -188,11 +189,26 @@ def test_a_slice_of_an_untracked_tensor_is_not_an_allocation():
     dataset = torch.zeros(8 * 2**20)  # 32 MiB made before the block, not passed to measure
     with measure() as m:
         head = dataset[:10]
-        head.add_(1)  # in place on a storage allocated before: still no allocation
-        copy = head.clone()
-    assert m.peak_bytes == copy.nbytes == 40
+        copy = (head + 1).clone()
+    assert m.peak_bytes == 2 * copy.nbytes == 80 and m.breakdown["activations"] == 80
     with vramlab.budget("1 KiB"):
         dataset[:10].sum()
+
+
+def test_a_pre_existing_storage_written_in_place_is_adopted_not_allocated():
+    """DDP's gradient buckets exist before the block and are written in backward: memory the
+    step uses, counted in the baseline (role other), never as a request the budget refuses."""
+    bucket = torch.zeros(2**20)  # 4 MiB, not passed to measure
+    with measure() as m:
+        bucket[:10].add_(1)
+        extra = torch.ones(10)
+    assert (m.baseline_bytes, m.peak_delta_bytes) == (4 * MiB, 40)
+    assert m.breakdown == {**dict.fromkeys(m.breakdown, 0), "other": 4 * MiB, "activations": 40}
+    with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate 40 B.*4.00 MiB is allocated"):
+        with vramlab.budget("1 MiB"):
+            bucket.mul_(2)  # adopted: the device now holds 4 MiB against a 1 MiB budget...
+            torch.ones(10)  # ...so the next request is refused
+    del extra
 
 
 def test_from_numpy_batches_are_not_counted_as_activations():

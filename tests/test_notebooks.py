@@ -30,7 +30,9 @@ def test_stored_without_outputs(path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=ids(NOTEBOOKS))
 def test_first_code_cell_is_the_shared_setup_cell(path):
     code = [c for c in load(path)["cells"] if c["cell_type"] == "code"]
-    assert code and source(code[0]) == SETUP_CELL, f"{path.name}: the first code cell must be vramlab.notebooks.SETUP_CELL"
+    assert code and source(code[0]) == SETUP_CELL, (
+        f"{path.name}: the first code cell must be vramlab.notebooks.SETUP_CELL"
+    )
     assert sum(source(c) == SETUP_CELL for c in code) == 1
 
 
@@ -39,7 +41,9 @@ def test_chapter_template(path):
     cells = load(path)["cells"]
     first = source(cells[0])
     assert first.startswith("# "), "a chapter opens with its title"
-    assert "colab.research.google.com" in first and path.name in first, "the first cell has an Open in Colab badge for this file"
+    assert "colab.research.google.com" in first and path.name in first, (
+        "the first cell has an Open in Colab badge for this file"
+    )
     markdown = "\n".join(source(c) for c in cells if c["cell_type"] == "markdown")
     for heading in ("## Learning objectives", "## Check your understanding", "## Summary", "## Further reading"):
         assert heading in markdown, f"{path.name} lacks '{heading}'"
@@ -89,7 +93,9 @@ def test_course_map_matches_the_files():
         else:
             assert link is None, f"{name} is planned but linked"
     on_disk = {p.stem for p in CHAPTERS} | {p.stem for p in (ROOT / "solutions").glob("*.ipynb")}
-    assert on_disk == ready, f"notebooks missing from the map: {on_disk - ready}; ready rows without files: {ready - on_disk}"
+    assert on_disk == ready, (
+        f"notebooks missing from the map: {on_disk - ready}; ready rows without files: {ready - on_disk}"
+    )
 
 
 def test_readme_accuracy_table_is_the_bench_output():

@@ -3,11 +3,25 @@ import pytest
 from vramlab.units import GiB, MiB, format_bytes, parse_bytes
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("16GiB", 16 * 2**30), ("16 GiB", 16 * 2**30), ("16gib", 16 * 2**30), ("1.5 GiB", 3 * 2**29),
-    ("16GB", 16 * 10**9), ("512MiB", 512 * 2**20), ("512MB", 512 * 10**6), ("4096", 4096),
-    ("4096 B", 4096), ("2 KiB", 2048), ("1TiB", 2**40), ("1e3 B", 1000), (0, 0), (1234, 1234),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("16GiB", 16 * 2**30),
+        ("16 GiB", 16 * 2**30),
+        ("16gib", 16 * 2**30),
+        ("1.5 GiB", 3 * 2**29),
+        ("16GB", 16 * 10**9),
+        ("512MiB", 512 * 2**20),
+        ("512MB", 512 * 10**6),
+        ("4096", 4096),
+        ("4096 B", 4096),
+        ("2 KiB", 2048),
+        ("1TiB", 2**40),
+        ("1e3 B", 1000),
+        (0, 0),
+        (1234, 1234),
+    ],
+)
 def test_parse(text, expected):
     assert parse_bytes(text) == expected
 
@@ -18,10 +32,18 @@ def test_gb_and_gib_are_never_confused():
     assert format_bytes(parse_bytes("16GB")) == "14.90 GiB"
 
 
-@pytest.mark.parametrize("bad, words", [
-    ("16G", "ambiguous"), ("16 gigs", "unknown unit"), ("-1GiB", "negative"), ("lots", "cannot read"),
-    (-5, "negative"), ("", "cannot read"), (float("nan"), "finite"),
-])
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        ("16G", "ambiguous"),
+        ("16 gigs", "unknown unit"),
+        ("-1GiB", "negative"),
+        ("lots", "cannot read"),
+        (-5, "negative"),
+        ("", "cannot read"),
+        (float("nan"), "finite"),
+    ],
+)
 def test_bad_sizes_say_what_to_do(bad, words):
     with pytest.raises(ValueError, match=words):
         parse_bytes(bad)
@@ -34,10 +56,18 @@ def test_bad_types():
         parse_bytes(True)
 
 
-@pytest.mark.parametrize("n, text", [
-    (0, "0 B"), (1023, "1023 B"), (1024, "1.00 KiB"), (3 * MiB, "3.00 MiB"), (GiB + GiB // 2, "1.50 GiB"),
-    (-2 * MiB, "-2.00 MiB"), (2**40, "1.00 TiB"),
-])
+@pytest.mark.parametrize(
+    "n, text",
+    [
+        (0, "0 B"),
+        (1023, "1023 B"),
+        (1024, "1.00 KiB"),
+        (3 * MiB, "3.00 MiB"),
+        (GiB + GiB // 2, "1.50 GiB"),
+        (-2 * MiB, "-2.00 MiB"),
+        (2**40, "1.00 TiB"),
+    ],
+)
 def test_format(n, text):
     assert format_bytes(n) == text
 

@@ -37,7 +37,7 @@ PAGE = 2 * MiB
 
 
 @dataclass
-class Block:
+class AllocatorBlock:
     """A range of a segment: ``size`` bytes at ``offset``, live (allocated) or cached (free)."""
 
     offset: int
@@ -52,11 +52,11 @@ class Segment:
 
     size: int
     pool: str
-    blocks: list[Block] = field(default_factory=list)
+    blocks: list[AllocatorBlock] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.blocks:
-            self.blocks = [Block(0, self.size)]
+            self.blocks = [AllocatorBlock(0, self.size)]
 
 
 def round_request(nbytes: int) -> int:
@@ -76,7 +76,7 @@ class CachingAllocatorModel:
         self.expandable = expandable_segments
         self.segments: list[Segment] = []
         self._handles = itertools.count(1)
-        self._where: dict[int, tuple[Segment, Block]] = {}
+        self._where: dict[int, tuple[Segment, AllocatorBlock]] = {}
 
     # -- statistics ---------------------------------------------------------------------
     @property
@@ -115,9 +115,14 @@ class CachingAllocatorModel:
         self._where[handle] = (segment, block)
         return handle
 
-    def _best_fit(self, size: int, pool: str) -> tuple[Segment, Block] | None:
-        candidates = [(b.size, i, s, b) for i, s in enumerate(self.segments) if s.pool == pool
-                      for b in s.blocks if not b.allocated and b.size >= size]
+    def _best_fit(self, size: int, pool: str) -> tuple[Segment, AllocatorBlock] | None:
+        candidates = [
+            (b.size, i, s, b)
+            for i, s in enumerate(self.segments)
+            if s.pool == pool
+            for b in s.blocks
+            if not b.allocated and b.size >= size
+        ]
         if not candidates:
             return None
         _, _, segment, block = min(candidates, key=lambda c: (c[0], c[1]))
@@ -128,7 +133,7 @@ class CachingAllocatorModel:
             return SMALL_SEGMENT
         return LARGE_SEGMENT if size < LARGE_CUTOFF else -(-size // PAGE) * PAGE
 
-    def _new_segment(self, size: int, pool: str) -> tuple[Segment, Block]:
+    def _new_segment(self, size: int, pool: str) -> tuple[Segment, AllocatorBlock]:
         seg_size = self._segment_size(size, pool)
         if not self._room_for(seg_size, size):
             self.empty_cache()  # the real allocator frees cached segments and retries
@@ -143,12 +148,12 @@ class CachingAllocatorModel:
             return self._touched_pages() * PAGE + -(-size // PAGE) * PAGE <= self.capacity
         return self.reserved_bytes + seg_size <= self.capacity
 
-    def _split(self, segment: Segment, block: Block, size: int, pool: str) -> None:
+    def _split(self, segment: Segment, block: AllocatorBlock, size: int, pool: str) -> None:
         remainder = block.size - size
         keep = remainder > (ROUND if pool == "small" else SMALL_REQUEST)
         if keep:
             index = segment.blocks.index(block)
-            segment.blocks.insert(index + 1, Block(block.offset + size, remainder))
+            segment.blocks.insert(index + 1, AllocatorBlock(block.offset + size, remainder))
             block.size = size
 
     def free(self, handle: int) -> None:
@@ -157,7 +162,7 @@ class CachingAllocatorModel:
             raise KeyError(f"no live allocation with handle {handle}")
         segment, block = self._where.pop(handle)
         block.allocated, block.handle = False, None
-        merged: list[Block] = []
+        merged: list[AllocatorBlock] = []
         for b in segment.blocks:
             if merged and not merged[-1].allocated and not b.allocated:
                 merged[-1].size += b.size
@@ -181,7 +186,12 @@ class CachingAllocatorModel:
     def snapshot(self) -> list[dict[str, Any]]:
         """Segments in the shape of ``torch.cuda.memory._snapshot()["segments"]``."""
         return [
-            {"total_size": s.size, "segment_type": s.pool,
-             "blocks": [{"size": b.size, "state": "active_allocated" if b.allocated else "inactive"} for b in s.blocks]}
+            {
+                "total_size": s.size,
+                "segment_type": s.pool,
+                "blocks": [
+                    {"size": b.size, "state": "active_allocated" if b.allocated else "inactive"} for b in s.blocks
+                ],
+            }
             for s in self.segments
         ]

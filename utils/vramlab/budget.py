@@ -36,6 +36,9 @@ class budget:
             count; on CUDA everything the process has allocated on the device counts.
         device: "cpu" or "cuda" (default: as :class:`vramlab.measure` chooses).
 
+    On a CPU only the thread that runs the block is seen (a dispatch mode is thread-local):
+    tensors made by other threads are not counted and not refused.
+
     Yields the :class:`Measurement` of the block (also ``self.result``, which exists even
     when the budget refuses what is alive before the block starts). On exit, also after an
     out-of-memory error, the previous allocator cap is restored and the garbage collector runs.
@@ -73,7 +76,8 @@ class budget:
             self.__exit__(None, None, None)
             raise torch.OutOfMemoryError(
                 f"vramlab budget: what is already alive ({format_bytes(result.baseline_bytes)}) exceeds the "
-                f"budget of {format_bytes(self.limit)} before the block starts; free tensors first or use a larger budget."
+                f"budget of {format_bytes(self.limit)} before the block starts; "
+                "free tensors first or use a larger budget."
             )
         return result
 

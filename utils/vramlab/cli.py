@@ -18,9 +18,9 @@ from typing import Any, NoReturn
 
 from .models import REGISTRY, from_hf_config, get_arch
 from .recipes import OPTIMIZERS, RECIPES
+from .results import ROLES
+from .setups import ATTENTIONS, Setup
 from .units import format_bytes
-
-ROLES = ("parameters", "gradients", "optimizer", "activations", "other")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,7 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vramlab", description="Estimate and measure the memory of LLM training and inference.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sub.add_parser("models", help="list the architectures in the registry")
-    for name, text in (("estimate", "closed-form estimate (instant)"), ("dryrun", "exact allocation trace on fake tensors")):
+    for name, text in (
+        ("estimate", "closed-form estimate (instant)"),
+        ("dryrun", "exact allocation trace on fake tensors"),
+    ):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("model", nargs="?", help=f"a registry name: {', '.join(REGISTRY)}")
         cmd.add_argument("--config", help="a Hugging Face config.json instead of a registry name")
@@ -40,9 +43,11 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--seq", type=int, default=1024, help="tokens per sequence (default 1024)")
         cmd.add_argument("--recipe", choices=RECIPES, default="fp32", help="precision recipe (default fp32)")
         cmd.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="optimizer (default adamw)")
-        cmd.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa", help="attention implementation")
+        cmd.add_argument("--attention", choices=ATTENTIONS, default="sdpa", help="attention implementation")
         cmd.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
-        cmd.add_argument("--inference", action="store_true", help="a prefill that builds the KV cache, not a training step")
+        cmd.add_argument(
+            "--inference", action="store_true", help="a prefill that builds the KV cache, not a training step"
+        )
         cmd.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
@@ -59,34 +64,35 @@ def _arch(args: argparse.Namespace) -> Any:
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
     arch = _arch(args)
-    kwargs = dict(batch=args.batch, seq=args.seq, recipe=args.recipe, optimizer=args.optimizer,
-                  checkpointing=args.checkpointing, inference=args.inference, attention=args.attention)
+    setup = Setup(
+        batch=args.batch,
+        seq=args.seq,
+        recipe=args.recipe,
+        optimizer=args.optimizer,
+        checkpointing=args.checkpointing,
+        inference=args.inference,
+        attention=args.attention,
+    )
     if args.command == "estimate":
         from .estimate import estimate
 
-        return estimate(arch, **kwargs).to_json()
+        return estimate(arch, setup).to_json()
     from .dryrun import dryrun
 
-    result = dryrun(arch, **kwargs)
-    return {
-        "model": arch.name, "params": result.params, "source": result.measurement.source,
-        "setup": result.setup, "bytes": {k: result.breakdown[k] for k in ROLES},
-        "peak_bytes": result.peak_bytes,
-    }
+    return dryrun(arch, setup).to_json()
 
 
 def _table(obj: dict[str, Any]) -> str:
-    setup = obj["setup"]
-    kind = "prefill (inference)" if setup["inference"] else "training step"
+    setup = Setup(**obj["setup"])
     lines = [
-        f"{obj['model']}: {obj['params']:,} parameters; {kind}, batch {setup['batch']}, seq {setup['seq']}, "
-        f"{setup['recipe']}" + ("" if setup["inference"] else f", {setup['optimizer']}")
-        + (", checkpointing" if setup["checkpointing"] else ""),
+        f"{obj['model']}: {obj['params']:,} parameters; {setup.describe()}",
         f"source: {obj['source']}" + (f" (peak at: {obj['peak_moment']})" if "peak_moment" in obj else ""),
     ]
     for role in ROLES:
-        lines.append(f"  {role:<12}{format_bytes(obj['bytes'][role]):>14}")
-    lines.append(f"  {'peak':<12}{format_bytes(obj['peak_bytes']):>14}   ({obj['peak_bytes']:,} bytes; 1 GiB = 1024^3 bytes)")
+        lines.append(f"  {role:<12}{format_bytes(obj['breakdown'][role]):>14}")
+    lines.append(
+        f"  {'peak':<12}{format_bytes(obj['peak_bytes']):>14}   ({obj['peak_bytes']:,} bytes; 1 GiB = 1024^3 bytes)"
+    )
     return "\n".join(lines)
 
 

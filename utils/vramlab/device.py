@@ -59,7 +59,9 @@ def device_info() -> DeviceInfo:
     if has_cuda():
         props = torch.cuda.get_device_properties(0)
         capability = (props.major, props.minor)
-        return DeviceInfo("cuda", props.name, int(props.total_memory), capability, capability >= (8, 0), torch.__version__)
+        return DeviceInfo(
+            "cuda", props.name, int(props.total_memory), capability, capability >= (8, 0), torch.__version__
+        )
     return DeviceInfo("cpu", platform.processor() or platform.machine(), None, None, False, torch.__version__)
 
 

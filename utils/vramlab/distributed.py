@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import datetime
 import os
-import signal
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -49,7 +49,7 @@ class Rank:
     backend: str
 
     @classmethod
-    def in_process(cls, device: str | torch.device = "cpu") -> "Rank":
+    def in_process(cls, device: str | torch.device = "cpu") -> Rank:
         """This process alone (rank 0 of 1, no process group): for single-process references
         of the rank functions that need no collective."""
         return cls(0, 1, torch.device(device), "none")
@@ -62,8 +62,16 @@ def pick_backend(world_size: int) -> str:
     return "gloo"
 
 
-def _entry(index: int, fn: Callable[..., Any], world_size: int, port: int, backend: str, outdir: str,
-           timeout_s: float, args: tuple) -> None:
+def _entry(
+    index: int,
+    fn: Callable[..., Any],
+    world_size: int,
+    port: int,
+    backend: str,
+    outdir: str,
+    timeout_s: float,
+    args: tuple,
+) -> None:
     if hasattr(os, "setpgrp"):  # a group of its own, so the launcher can kill what the rank starts
         os.setpgrp()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
@@ -86,33 +94,50 @@ def _entry(index: int, fn: Callable[..., Any], world_size: int, port: int, backe
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 
 
-def launch(fn: Callable[..., Any], world_size: int = 2, args: tuple = (), timeout_s: float = 120.0,
-           backend: str | None = None) -> list[Any]:
+def launch(
+    fn: Callable[..., Any], world_size: int = 2, args: tuple = (), timeout_s: float = 120.0, backend: str | None = None
+) -> list[Any]:
     """Run ``fn(Rank, *args)`` on ``world_size`` new processes; return the ranks' results, in
     rank order. Results must be picklable (numbers, dicts, CPU tensors)."""
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}.")
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s <= MAX_TIMEOUT_S:
-        raise ValueError(f"timeout_s must be a number of seconds above 0 and at most {MAX_TIMEOUT_S:.0f} "
-                         f"(a week), got {timeout_s!r}.")
+        raise ValueError(
+            f"timeout_s must be a number of seconds above 0 and at most {MAX_TIMEOUT_S:.0f} "
+            f"(a week), got {timeout_s!r}."
+        )
     if getattr(fn, "__module__", "__main__") == "__main__" or "<locals>" in getattr(fn, "__qualname__", ""):
-        raise ValueError(f"{getattr(fn, '__name__', fn)!r} is defined in the notebook (or inside a function): spawned "
-                         "processes cannot import it. Put the rank function in a module (vramlab.parallel has the course's).")
+        raise ValueError(
+            f"{getattr(fn, '__name__', fn)!r} is defined in the notebook (or inside a function): spawned "
+            "processes cannot import it. Put the rank function in a module (vramlab.parallel has the course's)."
+        )
     backend = backend or pick_backend(world_size)
     # The rendezvous store lives in this process on a port the OS picks, so no race for a free port.
-    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=timeout_s))
+    store = dist.TCPStore(
+        "127.0.0.1",
+        0,
+        world_size,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
     outdir = tempfile.mkdtemp(prefix="vramlab-ranks-")
     context = None
     try:
         context = torch.multiprocessing.start_processes(
-            _entry, args=(fn, world_size, store.port, backend, outdir, timeout_s, args), nprocs=world_size,
-            join=False, start_method="spawn")
+            _entry,
+            args=(fn, world_size, store.port, backend, outdir, timeout_s, args),
+            nprocs=world_size,
+            join=False,
+            start_method="spawn",
+        )
         deadline = time.monotonic() + timeout_s
         while not _join(context, 0.5, outdir):
             if time.monotonic() > deadline:
-                raise RanksTimedOut(f"{world_size} ranks ran longer than {timeout_s:.0f} s and were killed. "
-                                    "A rank may be waiting in a collective another rank never reached.")
+                raise RanksTimedOut(
+                    f"{world_size} ranks ran longer than {timeout_s:.0f} s and were killed. "
+                    "A rank may be waiting in a collective another rank never reached."
+                )
         return [_result(outdir, i) for i in range(world_size)]
     finally:
         if context is not None:
@@ -124,8 +149,10 @@ def launch(fn: Callable[..., Any], world_size: int = 2, args: tuple = (), timeou
 def _result(outdir: str, rank: int) -> Any:
     path = Path(outdir) / f"rank{rank}.pt"
     if not path.exists():
-        raise RankFailed(f"rank {rank} exited without returning a result (sys.exit() or os._exit() in the rank "
-                         "function?). Return a value from the rank function instead of exiting.")
+        raise RankFailed(
+            f"rank {rank} exited without returning a result (sys.exit() or os._exit() in the rank "
+            "function?). Return a value from the rank function instead of exiting."
+        )
     return torch.load(path, weights_only=False)
 
 
@@ -137,7 +164,9 @@ def _join(context: Any, timeout: float, outdir: str) -> bool:
         others = "" if rank == err.error_index else f" (rank {err.error_index} failed after it)"
         raise RankFailed(f"rank {rank} failed: {first}{others}\n\n{err}") from None
     except torch.multiprocessing.ProcessExitedException as err:
-        raise RankFailed(f"rank {err.error_index} exited with code {err.exit_code} (killed, or out of memory?)") from None
+        raise RankFailed(
+            f"rank {err.error_index} exited with code {err.exit_code} (killed, or out of memory?)"
+        ) from None
 
 
 def _first_failure(outdir: str, rank: int, message: str) -> tuple[int, str]:
@@ -164,11 +193,19 @@ def _kill(context: Any) -> None:
 
 
 # ----------------------------------------------------------------------- counting traffic
-COLLECTIVES = {"allreduce_": "all-reduce", "allreduce_coalesced_": "all-reduce",
-               "allgather_into_tensor_coalesced_": "all-gather", "_allgather_base_": "all-gather",
-               "allgather_": "all-gather", "reduce_scatter_tensor_coalesced_": "reduce-scatter",
-               "_reduce_scatter_base_": "reduce-scatter", "reduce_scatter_": "reduce-scatter",
-               "broadcast_": "broadcast", "send": "send", "recv_": "recv"}
+COLLECTIVES = {
+    "allreduce_": "all-reduce",
+    "allreduce_coalesced_": "all-reduce",
+    "allgather_into_tensor_coalesced_": "all-gather",
+    "_allgather_base_": "all-gather",
+    "allgather_": "all-gather",
+    "reduce_scatter_tensor_coalesced_": "reduce-scatter",
+    "_reduce_scatter_base_": "reduce-scatter",
+    "reduce_scatter_": "reduce-scatter",
+    "broadcast_": "broadcast",
+    "send": "send",
+    "recv_": "recv",
+}
 
 
 class CommCounter(TorchDispatchMode):
@@ -217,8 +254,14 @@ def ring_traffic_bytes(payload: dict[str, int], world_size: int) -> int:
     algorithms: all-reduce of N bytes sends 2(W-1)/W·N, reduce-scatter of an N-byte input
     (W-1)/W·N, all-gather of an N-byte shard (W-1)·N, broadcast of N bytes at most N."""
     w = world_size
-    factors = {"all-reduce": 2 * (w - 1) / w, "reduce-scatter": (w - 1) / w, "all-gather": float(w - 1),
-               "broadcast": 1.0, "send": 1.0, "recv": 0.0}
+    factors = {
+        "all-reduce": 2 * (w - 1) / w,
+        "reduce-scatter": (w - 1) / w,
+        "all-gather": float(w - 1),
+        "broadcast": 1.0,
+        "send": 1.0,
+        "recv": 0.0,
+    }
     unknown = set(payload) - set(factors)
     if unknown:
         raise ValueError(f"unknown collective kinds {sorted(unknown)}")

@@ -25,9 +25,12 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .measure import Measurement, measure
-from .storages import storage_bytes
 from .models import ArchConfig, get_arch
 from .recipes import Recipe, check_optimizer, check_positive, get_recipe
+from .results import result_json
+from .setups import ATTENTIONS, Setup
+from .storages import storage_bytes
+from .tracker import TimelinePoint
 
 
 @dataclass
@@ -37,8 +40,12 @@ class DryRunResult:
     arch: ArchConfig
     params: int
     measurement: Measurement
-    setup: dict[str, Any]
+    setup: Setup
     kv_cache_bytes: int = 0  # inference: bytes of the cache's storages after the prefill
+
+    @property
+    def model(self) -> str:
+        return self.arch.name
 
     @property
     def peak_bytes(self) -> int:
@@ -47,6 +54,25 @@ class DryRunResult:
     @property
     def breakdown(self) -> dict[str, int]:
         return self.measurement.breakdown
+
+    @property
+    def source(self) -> str:
+        return self.measurement.source
+
+    @property
+    def timeline(self) -> list[TimelinePoint] | None:
+        return self.measurement.timeline
+
+    @property
+    def end_breakdown(self) -> dict[str, int]:
+        return self.measurement.end_breakdown
+
+    def to_json(self) -> dict[str, Any]:
+        """The object the CLI prints with --json (see :mod:`vramlab.results`)."""
+        return result_json(self, model=self.model, params=self.params, kv_cache_bytes=self.kv_cache_bytes)
+
+    def __str__(self) -> str:
+        return f"{self.model}: {self.params:,} parameters; {self.setup.describe()}\n{self.measurement}"
 
 
 ATTENTION = "vramlab_causal_sdpa"
@@ -78,8 +104,8 @@ def build_hf_model(arch: ArchConfig, dtype: torch.dtype = torch.float32, attenti
     attention is causal SDPA over unpadded sequences (or ``attention="eager"``: scores
     materialised, as transformers' eager path does), with no sliding window.
     """
-    if attention not in ("sdpa", "eager"):
-        raise ValueError(f"unknown attention {attention!r}; use 'sdpa' or 'eager'")
+    if attention not in ATTENTIONS:
+        raise ValueError(f"unknown attention {attention!r}; use one of {', '.join(ATTENTIONS)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     import transformers
@@ -88,9 +114,16 @@ def build_hf_model(arch: ArchConfig, dtype: torch.dtype = torch.float32, attenti
     common = dict(vocab_size=arch.vocab_size, tie_word_embeddings=arch.tie_embeddings)
     if arch.family == "gpt2":
         config = transformers.GPT2Config(
-            n_embd=arch.hidden_size, n_layer=arch.num_layers, n_head=arch.num_heads,
-            n_inner=arch.intermediate_size, n_positions=arch.max_position,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None,
+            n_embd=arch.hidden_size,
+            n_layer=arch.num_layers,
+            n_head=arch.num_heads,
+            n_inner=arch.intermediate_size,
+            n_positions=arch.max_position,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=None,
+            eos_token_id=None,
             **common,
         )
         cls = transformers.GPT2LMHeadModel
@@ -101,9 +134,12 @@ def build_hf_model(arch: ArchConfig, dtype: torch.dtype = torch.float32, attenti
             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         }[arch.family]
         config = config_cls(
-            hidden_size=arch.hidden_size, num_hidden_layers=arch.num_layers,
-            num_attention_heads=arch.num_heads, num_key_value_heads=arch.num_kv_heads,
-            intermediate_size=arch.intermediate_size, max_position_embeddings=arch.max_position,
+            hidden_size=arch.hidden_size,
+            num_hidden_layers=arch.num_layers,
+            num_attention_heads=arch.num_heads,
+            num_key_value_heads=arch.num_kv_heads,
+            intermediate_size=arch.intermediate_size,
+            max_position_embeddings=arch.max_position,
             **({"sliding_window": None} if arch.family != "llama" else {}),
             **common,
         )
@@ -148,25 +184,41 @@ def _autocast(recipe: Recipe) -> contextlib.AbstractContextManager:
 
 
 def dryrun(
-    model: str | ArchConfig,
-    batch: int = 1,
-    seq: int = 1024,
-    recipe: str = "fp32",
-    optimizer: str = "adamw",
-    checkpointing: bool = False,
-    inference: bool = False,
-    attention: str = "sdpa",
-    timeline: bool = False,
-    _fake: bool = True,
+    model: str | ArchConfig, setup: Setup | None = None, *, timeline: bool = False, _fake: bool = True, **changes: Any
 ) -> DryRunResult:
     """Measure one step of ``model`` by dry run (fake tensors: no memory, exact sizes).
 
-    Training (default): forward with labels (the loss in fp32, as transformers computes
-    it), backward, and one optimizer step. ``inference=True``: a prefill of ``seq`` tokens
-    per sequence under ``torch.inference_mode`` that builds the KV cache and computes the
-    logits of the last position (what ``generate`` does).
+    ``setup`` is a :class:`Setup`; keyword arguments (``batch=4, recipe="amp-bf16"``, ...)
+    change its fields. Training (default): forward with labels (the loss in fp32, as
+    transformers computes it), backward, and one optimizer step. ``inference=True``: a
+    prefill of ``seq`` tokens per sequence under ``torch.inference_mode`` that builds the KV
+    cache and computes the logits of the last position (what ``generate`` does).
+    ``timeline`` records live bytes after every op.
     """
-    return _run(model, batch, seq, recipe, optimizer, checkpointing, inference, attention, timeline, _fake)
+    arch = get_arch(model)
+    setup = Setup.of(setup, **changes)
+    rec = get_recipe(setup.recipe)
+    if setup.seq > arch.max_position and arch.family == "gpt2":
+        raise ValueError(
+            f"{arch.name} has learned positions for at most {arch.max_position} tokens; got seq={setup.seq}"
+        )
+    if _fake and not setup.inference and setup.optimizer in ("adafactor", "adamw-8bit"):
+        raise ValueError(
+            f"{setup.optimizer} has no dry-run path (its step reads values with .item() or runs kernels "
+            "that fake tensors cannot run). Use `vramlab estimate`, or measure a small model for "
+            "real with vramlab.dryrun.realrun."
+        )
+    with FakeTensorMode(allow_non_fake_inputs=False) if _fake else contextlib.nullcontext():
+        net = build_hf_model(arch, rec.param_dtype, setup.attention)
+        params = sum(p.numel() for p in net.parameters())
+        ids = torch.randint(0, arch.vocab_size, (setup.batch, setup.seq))
+        cache = 0
+        if setup.inference:
+            result, cache = _prefill(net, ids, rec, timeline)
+        else:
+            result = _train_step(net, ids, rec, setup.optimizer, setup.checkpointing, timeline)
+    result.setup = setup
+    return DryRunResult(arch, params, result, setup, cache)
 
 
 def realrun(model: str | ArchConfig, seed: int = 0, **setup: Any) -> DryRunResult:
@@ -175,34 +227,6 @@ def realrun(model: str | ArchConfig, seed: int = 0, **setup: Any) -> DryRunResul
     cross-check of the dry run."""
     torch.manual_seed(seed)
     return dryrun(model, **setup, _fake=False)
-
-
-def _run(model: str | ArchConfig, batch: int, seq: int, recipe: str, optimizer: str, checkpointing: bool,
-         inference: bool, attention: str, timeline: bool, fake: bool) -> DryRunResult:
-    arch = get_arch(model)
-    check_positive(batch=batch, seq=seq)
-    rec = get_recipe(recipe)
-    optimizer = check_optimizer(optimizer)
-    if seq > arch.max_position and arch.family == "gpt2":
-        raise ValueError(f"{arch.name} has learned positions for at most {arch.max_position} tokens; got seq={seq}")
-    setup = dict(batch=batch, seq=seq, recipe=rec.name, optimizer=optimizer,
-                 checkpointing=checkpointing, inference=inference, attention=attention)
-    if fake and not inference and optimizer in ("adafactor", "adamw-8bit"):
-        raise ValueError(
-            f"{optimizer} has no dry-run path (its step reads values with .item() or runs kernels "
-            "that fake tensors cannot run). Use `vramlab estimate`, or measure a small model for "
-            "real with vramlab.dryrun.realrun."
-        )
-    with FakeTensorMode(allow_non_fake_inputs=False) if fake else contextlib.nullcontext():
-        net = build_hf_model(arch, rec.param_dtype, attention)
-        params = sum(p.numel() for p in net.parameters())
-        ids = torch.randint(0, arch.vocab_size, (batch, seq))
-        cache = 0
-        if inference:
-            result, cache = _prefill(net, ids, rec, timeline)
-        else:
-            result = _train_step(net, ids, rec, optimizer, checkpointing, timeline)
-    return DryRunResult(arch, params, result, setup, cache)
 
 
 def _prefill(net: torch.nn.Module, ids: torch.Tensor, rec: Recipe, timeline: bool) -> tuple[Measurement, int]:
@@ -226,7 +250,9 @@ def cache_tensors(cache: Any) -> Iterator[torch.Tensor]:
                 yield tensor
 
 
-def _train_step(net: torch.nn.Module, ids: torch.Tensor, rec: Recipe, optimizer: str, checkpointing: bool, timeline: bool) -> Measurement:
+def _train_step(
+    net: torch.nn.Module, ids: torch.Tensor, rec: Recipe, optimizer: str, checkpointing: bool, timeline: bool
+) -> Measurement:
     net.train()
     if checkpointing:
         _enable_checkpointing(net)
@@ -264,8 +290,12 @@ def _scaled_backward_and_step(loss: torch.Tensor, net: torch.nn.Module, opt: tor
 
 
 def saved_activations(
-    model: str | ArchConfig, batch: int = 1, seq: int = 1024, recipe: str = "fp32",
-    attention: str = "sdpa", checkpointing: bool = False,
+    model: str | ArchConfig,
+    batch: int = 1,
+    seq: int = 1024,
+    recipe: str = "fp32",
+    attention: str = "sdpa",
+    checkpointing: bool = False,
 ) -> int:
     """Bytes autograd holds at the end of the forward pass (loss computed), by dry run.
 

@@ -80,7 +80,9 @@ def run_cuda(expandable: bool = False, capacity: int = CAPACITY, timeout: float 
     env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True" if expandable else "expandable_segments:False"
     package_root = str(Path(__file__).resolve().parents[1])  # vramlab importable even when not pip-installed
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
-    args = [sys.executable, "-m", "vramlab.fragmentation", "--capacity", str(capacity)] + (["--expandable"] if expandable else [])
+    args = [sys.executable, "-m", "vramlab.fragmentation", "--capacity", str(capacity)] + (
+        ["--expandable"] if expandable else []
+    )
     out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
         raise RuntimeError(f"the CUDA fragmentation run failed:\n{out.stderr[-2000:]}")
@@ -98,8 +100,11 @@ def _cuda_main(expandable: bool, capacity: int) -> dict[str, Any]:
     torch.cuda.synchronize()
     allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
     segments = [
-        {"total_size": s["total_size"], "segment_type": s.get("segment_type", ""),
-         "blocks": [{"size": b["size"], "state": b["state"]} for b in s["blocks"]]}
+        {
+            "total_size": s["total_size"],
+            "segment_type": s.get("segment_type", ""),
+            "blocks": [{"size": b["size"], "state": b["state"]} for b in s["blocks"]],
+        }
         for s in torch.cuda.memory._snapshot()["segments"]
     ]
     try:
@@ -109,8 +114,15 @@ def _cuda_main(expandable: bool, capacity: int) -> dict[str, Any]:
     except torch.OutOfMemoryError as err:
         fit, error = False, str(err)
     del kept
-    return dict(source="cuda", expandable=expandable, allocated=allocated, reserved=reserved,
-                request_fit=fit, error=error, segments=segments)
+    return dict(
+        source="cuda",
+        expandable=expandable,
+        allocated=allocated,
+        reserved=reserved,
+        request_fit=fit,
+        error=error,
+        segments=segments,
+    )
 
 
 if __name__ == "__main__":

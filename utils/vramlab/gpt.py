@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +32,14 @@ class GPTConfig:
     attention: str = "sdpa"
 
     def __post_init__(self) -> None:
-        check_positive(vocab_size=self.vocab_size, seq_len=self.seq_len, hidden=self.hidden,
-                       layers=self.layers, heads=self.heads, mlp_ratio=self.mlp_ratio)
+        check_positive(
+            vocab_size=self.vocab_size,
+            seq_len=self.seq_len,
+            hidden=self.hidden,
+            layers=self.layers,
+            heads=self.heads,
+            mlp_ratio=self.mlp_ratio,
+        )
         if self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
         if self.attention not in ("sdpa", "eager"):
@@ -112,17 +119,22 @@ class TinyGPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def set_checkpointing(self, every: int = 0, attention_only: bool = False, segments: int = 0) -> "TinyGPT":
+    def set_checkpointing(self, every: int = 0, attention_only: bool = False, segments: int = 0) -> TinyGPT:
         """Activation checkpointing: every ``every``-th block whole, or only the attention of
         every block, or ``segments`` equal runs of blocks (``checkpoint_sequential``). 0 / False: off."""
         if every < 0 or segments < 0 or (segments and self.cfg.layers % segments):
-            raise ValueError(f"every >= 0 and segments must divide the {self.cfg.layers} layers; got every={every}, segments={segments}")
+            raise ValueError(
+                f"every >= 0 and segments must divide the {self.cfg.layers} layers; "
+                f"got every={every}, segments={segments}"
+            )
         self.checkpoint_every, self.checkpoint_segments = every, segments
         for block in self.blocks:
             block.checkpoint_attention = attention_only
         return self
 
-    def forward(self, ids: torch.Tensor, caches: list[list[torch.Tensor]] | None = None, start: int = 0) -> torch.Tensor:
+    def forward(
+        self, ids: torch.Tensor, caches: list[list[torch.Tensor]] | None = None, start: int = 0
+    ) -> torch.Tensor:
         if ids.dim() != 2:
             raise ValueError(f"ids must be (batch, seq) token ids, got shape {tuple(ids.shape)}")
         if start + ids.shape[1] > self.cfg.seq_len:
@@ -162,6 +174,33 @@ class TinyGPT(nn.Module):
             if step + 1 < new_tokens:
                 logits = self(nxt, caches, start=ids.shape[1] + step)
         return torch.cat(out, dim=1)
+
+
+class Training(NamedTuple):
+    """A model, its optimizer and a batch: what a training-step measurement starts from."""
+
+    model: TinyGPT
+    opt: torch.optim.Optimizer
+    ids: torch.Tensor
+
+
+def tiny_training(
+    cfg: GPTConfig,
+    batch: int,
+    device: str | torch.device = "cpu",
+    *,
+    lr: float = 1e-3,
+    seed: int = 0,
+    foreach: bool = True,
+) -> Training:
+    """``TinyGPT(cfg)`` on ``device``, AdamW over its parameters (``foreach``, the CUDA
+    default, keeps one parameter-sized temporary) and ``random_batch(cfg, batch, seed)``.
+
+    >>> model, opt, ids = tiny_training(GPTConfig(), batch=8)
+    """
+    model = TinyGPT(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, foreach=foreach)
+    return Training(model, opt, random_batch(cfg, batch, seed).to(device))
 
 
 def random_batch(cfg: GPTConfig, batch: int, seed: int = 0) -> torch.Tensor:

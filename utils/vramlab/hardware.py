@@ -10,11 +10,20 @@ from __future__ import annotations
 from .units import MiB
 
 GPUS: dict[str, int] = {
-    "T4 (16 GB)": 15360 * MiB,
+    "T4 (16 GB)": 15360 * MiB,  # also V100-16GB
+    "L4 (24 GB)": 23028 * MiB,  # also A10G; RTX 4090 reports 24564 MiB
     "A100 40GB": 40960 * MiB,
     "A100 80GB": 81920 * MiB,
     "H100 80GB": 81559 * MiB,
 }
+
+SIZE_CLASSES: dict[str, int] = {  # cards sold as this many GB, by the first card of the class above
+    "16 GB": GPUS["T4 (16 GB)"],
+    "24 GB": GPUS["L4 (24 GB)"],
+    "40 GB": GPUS["A100 40GB"],
+    "80 GB": GPUS["A100 80GB"],
+}
+"""The decision guide's columns (:mod:`vramlab.planner`): one nvidia-smi total per size class."""
 
 CONTEXT_HEADROOM = 512 * MiB
 """Bytes a fit verdict leaves free for the CUDA context and allocator slack. Contexts take

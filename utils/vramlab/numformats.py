@@ -65,8 +65,10 @@ class Quantized:
 
 def _check_input(x: torch.Tensor, block: int | None) -> None:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError("quantize a floating-point torch.Tensor (got "
-                        f"{type(x).__name__}{'' if not isinstance(x, torch.Tensor) else ' of ' + str(x.dtype)}).")
+        raise TypeError(
+            "quantize a floating-point torch.Tensor (got "
+            f"{type(x).__name__}{'' if not isinstance(x, torch.Tensor) else ' of ' + str(x.dtype)})."
+        )
     if x.numel() == 0:
         raise ValueError("cannot quantize an empty tensor.")
     if block is not None and (not isinstance(block, int) or block <= 0):
@@ -99,8 +101,7 @@ def absmax_quantize(x: torch.Tensor, bits: int = 8, block: int | None = None) ->
     q = torch.round(rows / scales[:, None]).clamp(-qmax, qmax).to(torch.int8)
     codes = pack_int4(q.reshape(-1) + 8) if bits == 4 else q
     name = f"absmax int{bits}" + ("" if block is None else f" (block {size})")
-    return Quantized(name, bits, size, tuple(x.shape), x.numel(), codes, scales,
-                     offset=8 if bits == 4 else 0)
+    return Quantized(name, bits, size, tuple(x.shape), x.numel(), codes, scales, offset=8 if bits == 4 else 0)
 
 
 def zeropoint_quantize(x: torch.Tensor, bits: int = 8) -> Quantized:
@@ -116,8 +117,9 @@ def zeropoint_quantize(x: torch.Tensor, bits: int = 8) -> Quantized:
     scales = ((hi - lo) / levels).clamp(min=torch.finfo(torch.float32).tiny)
     zero = torch.round(-lo / scales).clamp(0, levels)
     q = (torch.round(rows / scales[:, None]) + zero[:, None]).clamp(0, levels).to(torch.uint8)
-    return Quantized(f"zero-point uint{bits}", bits, size, tuple(x.shape), x.numel(), q, scales,
-                     zero_points=zero.to(torch.uint8))
+    return Quantized(
+        f"zero-point uint{bits}", bits, size, tuple(x.shape), x.numel(), q, scales, zero_points=zero.to(torch.uint8)
+    )
 
 
 def nf4_code() -> torch.Tensor:
@@ -144,8 +146,9 @@ def nf4_quantize(x: torch.Tensor, block: int = 64) -> Quantized:
     scales = rows.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny)
     normalized = rows / scales[:, None]
     index = (normalized.unsqueeze(-1) - code).abs().argmin(dim=-1).to(torch.uint8)
-    return Quantized(f"NF4 (block {size})", 4, size, tuple(x.shape), x.numel(),
-                     pack_int4(index.reshape(-1)), scales, code=code)
+    return Quantized(
+        f"NF4 (block {size})", 4, size, tuple(x.shape), x.numel(), pack_int4(index.reshape(-1)), scales, code=code
+    )
 
 
 def pack_int4(values: torch.Tensor) -> torch.Tensor:

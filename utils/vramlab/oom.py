@@ -78,5 +78,8 @@ def advice(fields: dict[str, int]) -> list[str]:
     if "total" in fields and "free" in fields and allocated:
         other = fields["total"] - fields["free"] - allocated - reserved_free
         if other > 0:
-            notes.append(f"{format_bytes(other)} of the device is used outside PyTorch's allocator (CUDA context, other processes).")
+            notes.append(
+                f"{format_bytes(other)} of the device is used outside PyTorch's allocator "
+                "(CUDA context, other processes)."
+            )
     return notes

@@ -65,18 +65,29 @@ def wrap(model: LossModel, strategy: str, lr: float) -> tuple[nn.Module, torch.o
     if strategy == "zero1":
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
-        return model, ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=lr, foreach=True)
+        return model, ZeroRedundancyOptimizer(
+            model.parameters(), optimizer_class=torch.optim.AdamW, lr=lr, foreach=True
+        )
     return model, torch.optim.AdamW(model.parameters(), lr=lr, foreach=True)
 
 
 def rank_batches(cfg: GPTConfig, batch: int, steps: int, rank: int, world: int) -> list[torch.Tensor]:
     """This rank's slice of each step's global batch of ``batch * world`` sequences (the
     same global batches for every world size, so runs are comparable)."""
-    return [pattern_batch(cfg, batch * world, seed=1000 + s)[rank * batch:(rank + 1) * batch] for s in range(steps)]
+    return [pattern_batch(cfg, batch * world, seed=1000 + s)[rank * batch : (rank + 1) * batch] for s in range(steps)]
 
 
-def train(rank: Rank, strategy: str, cfg: dict[str, Any], batch: int, steps: int = 2, lr: float = 3e-3,
-          limit: int | None = None, checkpointing: bool = False, timeline: bool = False) -> dict[str, Any]:
+def train(
+    rank: Rank,
+    strategy: str,
+    cfg: dict[str, Any],
+    batch: int,
+    steps: int = 2,
+    lr: float = 3e-3,
+    limit: int | None = None,
+    checkpointing: bool = False,
+    timeline: bool = False,
+) -> dict[str, Any]:
     """Train TinyGPT(cfg) for ``steps`` steps of ``batch`` sequences per rank; measure this rank.
 
     "single" ignores the other ranks (each runs the whole model on its own slice; use world
@@ -91,10 +102,16 @@ def train(rank: Rank, strategy: str, cfg: dict[str, Any], batch: int, steps: int
         gpt.set_checkpointing(every=1)
     model, opt = wrap(LossModel(gpt), strategy, lr)
     world = 1 if strategy == "single" else rank.world_size
-    batches = [b.to(rank.device) for b in rank_batches(gpt.cfg, batch, steps, 0 if strategy == "single" else rank.rank, world)]
+    batches = [
+        b.to(rank.device) for b in rank_batches(gpt.cfg, batch, steps, 0 if strategy == "single" else rank.rank, world)
+    ]
     losses: list[float] = []
     counter = CommCounter()
-    guard = budget(limit, model, opt, batches, timeline=timeline) if limit else measure(model, opt, batches, timeline=timeline)
+    guard = (
+        budget(limit, model, opt, batches, timeline=timeline)
+        if limit
+        else measure(model, opt, batches, timeline=timeline)
+    )
     error = ""
     start = time.perf_counter()
     try:
@@ -116,19 +133,28 @@ def train(rank: Rank, strategy: str, cfg: dict[str, Any], batch: int, steps: int
         dist.all_reduce(mean)
         losses = (mean / rank.world_size).tolist()
     return {
-        "rank": rank.rank, "strategy": strategy, "backend": rank.backend, "device": str(rank.device),
-        "peak_bytes": m.peak_bytes, "breakdown": dict(m.breakdown), "error": error,
-        "end_bytes": m.end_bytes, "param_bytes": storage_bytes(list(model.parameters())), "grad_bytes": storage_bytes(grads),
+        "rank": rank.rank,
+        "strategy": strategy,
+        "backend": rank.backend,
+        "device": str(rank.device),
+        "peak_bytes": m.peak_bytes,
+        "breakdown": dict(m.breakdown),
+        "error": error,
+        "end_bytes": m.end_bytes,
+        "param_bytes": storage_bytes(list(model.parameters())),
+        "grad_bytes": storage_bytes(grads),
         "optimizer_bytes": storage_bytes(opt) if strategy != "zero1" else storage_bytes(opt.optim),
         "comm_bytes_per_step": {k: v // steps for k, v in counter.bytes.items()},
         "comm_calls_per_step": {k: v // steps for k, v in counter.calls.items()},
-        "losses": losses, "seconds_per_step": seconds,
+        "losses": losses,
+        "seconds_per_step": seconds,
         "timeline": [(p.live_bytes, p.phase) for p in m.timeline] if timeline and m.timeline else [],
     }
 
 
-def compare(rank: Rank, strategies: list[str], cfg: dict[str, Any], batch: int, steps: int = 2,
-            timeline: bool = False) -> list[dict[str, Any]]:
+def compare(
+    rank: Rank, strategies: list[str], cfg: dict[str, Any], batch: int, steps: int = 2, timeline: bool = False
+) -> list[dict[str, Any]]:
     """:func:`train` under each strategy in turn, in one set of processes (spawning costs seconds)."""
     return [train(rank, s, cfg, batch, steps, timeline=timeline) for s in strategies]
 
@@ -191,8 +217,14 @@ def tensor_parallel_mlp(rank: Rank, hidden: int, ffn: int, tokens: int, sharded:
         y.square().mean().backward()
     with torch.no_grad():
         diff = float((y.detach() - full(x)).abs().max())
-    return {"rank": rank.rank, "weight_bytes": storage_bytes(list(model.parameters())), "peak_bytes": m.peak_bytes,
-            "activation_bytes": saved, "max_abs_diff": diff, "comm_bytes": dict(counter.bytes)}
+    return {
+        "rank": rank.rank,
+        "weight_bytes": storage_bytes(list(model.parameters())),
+        "peak_bytes": m.peak_bytes,
+        "activation_bytes": saved,
+        "max_abs_diff": diff,
+        "comm_bytes": dict(counter.bytes),
+    }
 
 
 def saved_for_backward(params: list[torch.Tensor], forward: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -217,8 +249,12 @@ def saved_for_backward(params: list[torch.Tensor], forward: Callable[[], torch.T
 def stage(layers: int, hidden: int, seed: int) -> nn.Sequential:
     """``layers`` residual MLP blocks (Linear-GELU-Linear), seeded per stage."""
     torch.manual_seed(seed)
-    return nn.Sequential(*(nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 4 * hidden), nn.GELU(),
-                                         nn.Linear(4 * hidden, hidden)) for _ in range(layers)))
+    return nn.Sequential(
+        *(
+            nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 4 * hidden), nn.GELU(), nn.Linear(4 * hidden, hidden))
+            for _ in range(layers)
+        )
+    )
 
 
 def _run_stage(blocks: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
@@ -248,7 +284,7 @@ def pipeline(rank: Rank, layers: int, hidden: int, batch: int, micro_batches: in
             inputs, outputs = [], []
             for i in range(micro_batches):
                 if rank.rank == 0:
-                    x = data[i * size:(i + 1) * size]
+                    x = data[i * size : (i + 1) * size]
                 else:
                     x = torch.empty(size, hidden, device=rank.device)
                     dist.recv(x, src=0)
@@ -278,11 +314,18 @@ def pipeline(rank: Rank, layers: int, hidden: int, batch: int, micro_batches: in
             dist.barrier()  # the step ends when the last stage is done: idle tails count as bubble
         timings.append((busy, time.perf_counter() - start, m.peak_bytes))
     busy, total, peak = sorted(timings[1:], key=lambda t: t[1])[len(timings[1:]) // 2]
-    return {"rank": rank.rank, "weight_bytes": storage_bytes(list(blocks.parameters())), "peak_bytes": peak,
-            "busy_s": busy, "total_s": total, "bubble": 1 - busy / total}
+    return {
+        "rank": rank.rank,
+        "weight_bytes": storage_bytes(list(blocks.parameters())),
+        "peak_bytes": peak,
+        "busy_s": busy,
+        "total_s": total,
+        "bubble": 1 - busy / total,
+    }
 
 
-def pipelines(rank: Rank, layers: int, hidden: int, batch: int, micro_batch_counts: list[int],
-              repeats: int = 3) -> list[dict[str, Any]]:
+def pipelines(
+    rank: Rank, layers: int, hidden: int, batch: int, micro_batch_counts: list[int], repeats: int = 3
+) -> list[dict[str, Any]]:
     """:func:`pipeline` for each number of micro-batches, in one set of processes."""
     return [pipeline(rank, layers, hidden, batch, m, repeats) for m in micro_batch_counts]

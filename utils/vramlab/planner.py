@@ -12,16 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .estimate import activation_bytes, estimate, linear_shapes, param_count, zero_bytes_per_rank
-from .hardware import CONTEXT_HEADROOM, fits
+from .hardware import CONTEXT_HEADROOM, SIZE_CLASSES, fits
 from .models import get_arch
-from .units import MiB
 
-DEVICE_SIZES = {  # nvidia-smi totals of typical cards sold as this many GB
-    "16 GB": 15360 * MiB,   # T4, V100-16GB
-    "24 GB": 23028 * MiB,   # A10G, L4 (22.5 GiB usable), RTX 4090
-    "40 GB": 40960 * MiB,   # A100 40GB
-    "80 GB": 81920 * MiB,   # A100/H100 80GB
-}
+DEVICE_SIZES = SIZE_CLASSES  # the guide's columns, from the one table of GPUs (vramlab.hardware)
 MAX_DEVICES = 64
 TENSOR_PARALLEL = 8  # one node of 8 GPUs: tensor parallelism needs NVLink-class links
 MAX_DEVICES_WITH_TP = 512
@@ -58,14 +52,17 @@ def zero3_bytes_per_device(model: str, devices: int, batch: int, seq: int, tenso
     return sharded + (kept + one_block + gathered) // tensor_parallel
 
 
-def first_fit(model: str, device_bytes: int, batch: int = 1, seq: int = 2048,
-              headroom: int = CONTEXT_HEADROOM) -> Plan:
+def first_fit(model: str, device_bytes: int, batch: int = 1, seq: int = 2048, headroom: int = CONTEXT_HEADROOM) -> Plan:
     """Walk the ladder and return the first :class:`Plan` whose per-device bytes fit."""
     ladder = [
         ("bf16 mixed precision", estimate(model, batch=batch, seq=seq, recipe="amp-bf16").peak_bytes),
         ("+ checkpointing", estimate(model, batch=batch, seq=seq, recipe="amp-bf16", checkpointing=True).peak_bytes),
-        ("+ 8-bit AdamW", estimate(model, batch=batch, seq=seq, recipe="amp-bf16", optimizer="adamw-8bit",
-                                   checkpointing=True).peak_bytes),
+        (
+            "+ 8-bit AdamW",
+            estimate(
+                model, batch=batch, seq=seq, recipe="amp-bf16", optimizer="adamw-8bit", checkpointing=True
+            ).peak_bytes,
+        ),
     ]
     for name, need in ladder:
         if fits(need, device_bytes, headroom):

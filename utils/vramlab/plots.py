@@ -6,12 +6,15 @@ matplotlib is imported inside each function, so importing vramlab stays light.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .hardware import GPUS
-from .measure import Measurement
-from .tracker import ROLES
+from .results import ROLES
 from .units import GiB, MiB
+
+if TYPE_CHECKING:
+    from .dryrun import DryRunResult
+    from .measure import Measurement
 
 PHASE_COLORS = {"before": "#999999", "forward": "#1f77b4", "backward": "#d62728", "optimizer": "#2ca02c"}
 ROLE_COLORS = dict(zip(ROLES, ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3")))
@@ -21,8 +24,11 @@ def _unit(max_bytes: float) -> tuple[str, float]:
     return ("GiB", GiB) if max_bytes >= GiB else ("MiB", MiB)
 
 
-def plot_timeline(m: Measurement, title: str = "Live tensor memory during the step", ax: Any = None) -> Any:
-    """Live bytes after every op, coloured by phase (forward, backward, optimizer)."""
+def plot_timeline(
+    m: Measurement | DryRunResult, title: str = "Live tensor memory during the step", ax: Any = None
+) -> Any:
+    """Live bytes after every op, coloured by phase (forward, backward, optimizer), of a
+    measurement or a dry run recorded with ``timeline=True``."""
     import matplotlib.pyplot as plt
 
     if not m.timeline:
@@ -32,7 +38,9 @@ def plot_timeline(m: Measurement, title: str = "Live tensor memory during the st
     for phase, color in PHASE_COLORS.items():
         points = [p for p in m.timeline if p.phase == phase]
         if points:
-            ax.plot([p.index for p in points], [p.live_bytes / div for p in points], ".", ms=3, color=color, label=phase)
+            ax.plot(
+                [p.index for p in points], [p.live_bytes / div for p in points], ".", ms=3, color=color, label=phase
+            )
     ax.axhline(m.peak_bytes / div, color="k", ls="--", lw=1, label=f"peak {m.peak_bytes / div:.2f} {unit}")
     ax.set(title=f"{title} ({m.source})", xlabel="op number", ylabel=f"live tensors ({unit})")
     ax.legend(loc="best", fontsize=8)
@@ -66,7 +74,15 @@ def plot_breakdown(
     return ax
 
 
-def plot_lines(x: Sequence[float], series: Mapping[str, Sequence[float]], title: str, xlabel: str, ylabel: str, ax: Any = None, **style: Any) -> Any:
+def plot_lines(
+    x: Sequence[float],
+    series: Mapping[str, Sequence[float]],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    ax: Any = None,
+    **style: Any,
+) -> Any:
     """A labelled line plot of several series against one x axis."""
     import matplotlib.pyplot as plt
 
@@ -90,12 +106,25 @@ def plot_segments(segments: list[dict], title: str, ax: Any = None) -> Any:
         start = 0
         for block in seg["blocks"]:
             live = block["state"].startswith("active")
-            ax.barh(row, block["size"] / MiB, left=start / MiB, color="#c44e52" if live else "white",
-                    edgecolor="k", hatch=None if live else "//", height=0.7)
+            ax.barh(
+                row,
+                block["size"] / MiB,
+                left=start / MiB,
+                color="#c44e52" if live else "white",
+                edgecolor="k",
+                hatch=None if live else "//",
+                height=0.7,
+            )
             start += block["size"]
     ax.set(title=title, xlabel="offset in segment (MiB)", ylabel="segment", yticks=range(len(segments)))
     ax.invert_yaxis()
-    ax.legend(handles=[Patch(facecolor="#c44e52", edgecolor="k", label="live block"),
-                       Patch(facecolor="white", edgecolor="k", hatch="//", label="cached (reserved, free)")],
-              fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.legend(
+        handles=[
+            Patch(facecolor="#c44e52", edgecolor="k", label="live block"),
+            Patch(facecolor="white", edgecolor="k", hatch="//", label="cached (reserved, free)"),
+        ],
+        fontsize=8,
+        loc="upper left",
+        bbox_to_anchor=(1.0, 1.0),
+    )
     return ax

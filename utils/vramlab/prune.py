@@ -40,8 +40,13 @@ def to_csr(dense: torch.Tensor, index_dtype: torch.dtype = torch.int64) -> torch
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
         s = dense.detach().to_sparse_csr()
-        return torch.sparse_csr_tensor(s.crow_indices().to(index_dtype).clone(), s.col_indices().to(index_dtype).clone(),
-                                       s.values().clone(), s.shape, check_invariants=True)
+        return torch.sparse_csr_tensor(
+            s.crow_indices().to(index_dtype).clone(),
+            s.col_indices().to(index_dtype).clone(),
+            s.values().clone(),
+            s.shape,
+            check_invariants=True,
+        )
 
 
 def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -59,8 +64,10 @@ def _layers(model: nn.Module) -> list[nn.Module]:
     encoder = getattr(model, "encoder", None)
     layers = getattr(encoder, "layer", None)
     if layers is None:
-        raise TypeError("structured pruning here expects a BERT-style encoder (model.encoder.layer[i]); "
-                        f"got {type(model).__name__}.")
+        raise TypeError(
+            "structured pruning here expects a BERT-style encoder (model.encoder.layer[i]); "
+            f"got {type(model).__name__}."
+        )
     return list(layers)
 
 
@@ -123,6 +130,10 @@ def prune_attention_heads(model: nn.Module, fraction: float) -> nn.Module:
 def module_bytes(model: nn.Module) -> int:
     """Bytes of a module's parameters, buffers and (for ``torch.nn.utils.prune``) the
     recomputed ``weight`` attributes that pruning keeps beside ``weight_orig`` and the mask."""
-    extra = [v for m in model.modules() for k, v in vars(m).items()
-             if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter) and hasattr(m, k + "_orig")]
+    extra = [
+        v
+        for m in model.modules()
+        for k, v in vars(m).items()
+        if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter) and hasattr(m, k + "_orig")
+    ]
     return storage_bytes([model, *extra])

@@ -75,8 +75,9 @@ def linears_and_embeddings(module: nn.Module, fqn: str) -> bool:
 
 def feed_forward(module: nn.Module, fqn: str) -> bool:
     """Filter for BERT-style encoders: the two linears of each feed-forward block."""
-    return type(module) is nn.Linear and (fqn.endswith("intermediate.dense")
-                                          or (fqn.endswith("output.dense") and "attention" not in fqn))
+    return type(module) is nn.Linear and (
+        fqn.endswith("intermediate.dense") or (fqn.endswith("output.dense") and "attention" not in fqn)
+    )
 
 
 def torchao_int8(model: nn.Module, *, dynamic: bool = False, filter_fn: Filter = linears) -> nn.Module:
@@ -104,8 +105,9 @@ def torchao_int4_unpacked(model: nn.Module, group: int = 32, filter_fn: Filter =
     from torchao.quantization.granularity import PerGroup
 
     with quiet_imports():
-        tq.quantize_(model, tq.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group)),
-                     filter_fn=filter_fn)
+        tq.quantize_(
+            model, tq.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group)), filter_fn=filter_fn
+        )
     return model
 
 
@@ -133,14 +135,26 @@ def _bnb_layer(bnb: Any, linear: nn.Linear, bits: int, blocksize: int) -> nn.Mod
     weight = linear.weight.data.clone()
     with quiet_imports():
         if bits == 8:
-            layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                        has_fp16_weights=False, threshold=6.0)
+            layer = bnb.nn.Linear8bitLt(
+                linear.in_features,
+                linear.out_features,
+                bias=linear.bias is not None,
+                has_fp16_weights=False,
+                threshold=6.0,
+            )
             layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
         else:
-            layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                      compute_dtype=torch.float32, quant_type="nf4", compress_statistics=False)
-            layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4",
-                                             blocksize=blocksize, compress_statistics=False)
+            layer = bnb.nn.Linear4bit(
+                linear.in_features,
+                linear.out_features,
+                bias=linear.bias is not None,
+                compute_dtype=torch.float32,
+                quant_type="nf4",
+                compress_statistics=False,
+            )
+            layer.weight = bnb.nn.Params4bit(
+                weight, requires_grad=False, quant_type="nf4", blocksize=blocksize, compress_statistics=False
+            )
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
     return layer

@@ -25,7 +25,18 @@ class Recipe:
 
     @property
     def activation_dtype(self) -> torch.dtype:
+        """The dtype activations are computed in: the autocast dtype, else the weights'."""
         return self.compute_dtype or self.param_dtype
+
+    @property
+    def param_bytes(self) -> int:
+        """Bytes per weight, gradient and optimizer-state value (also the residual stream's)."""
+        return self.param_dtype.itemsize
+
+    @property
+    def compute_bytes(self) -> int:
+        """Bytes per activation value of the matrix products."""
+        return self.activation_dtype.itemsize
 
 
 _RECIPES = {

@@ -21,7 +21,7 @@ class BatchSearch:
         return f"largest batch that fits: {self.largest} (tried {tries})"
 
 
-def _fits(step: Callable[[int], object], batch: int) -> bool:
+def _runs(step: Callable[[int], object], batch: int) -> bool:
     try:
         step(batch)
         return True
@@ -49,7 +49,7 @@ def largest_batch(step: Callable[[int], object], start: int = 1, limit: int = 1 
     tried: dict[int, bool] = {}
     good, bad, batch = 0, None, start
     while batch <= limit:
-        tried[batch] = _fits(step, batch)
+        tried[batch] = _runs(step, batch)
         if not tried[batch]:
             bad = batch
             break
@@ -59,6 +59,6 @@ def largest_batch(step: Callable[[int], object], start: int = 1, limit: int = 1 
     low, high = good, bad  # low fits (or is 0), high does not
     while high - low > 1:
         middle = (low + high) // 2
-        tried[middle] = _fits(step, middle)
+        tried[middle] = _runs(step, middle)
         low, high = (middle, high) if tried[middle] else (low, middle)
     return BatchSearch(low, tried)

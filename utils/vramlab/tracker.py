@@ -8,12 +8,16 @@ state). A ``weakref.finalize`` on the storage removes it when its last reference
 counts on a GPU, before the CUDA caching allocator rounds each block up to 512 bytes. The
 peak is sampled after every op, while the op's inputs and outputs are both alive.
 
+Storages allocated before the tracker started and not registered: one the block only reads
+(a slice of a dataset, a batch from ``torch.from_numpy``) is not counted; one the block writes
+in place (DDP's gradient buckets, made when DDP wraps the model; parameters an untracked
+optimizer updates) is memory the step uses, so it is *adopted*: counted from then on, with
+role "other" and phase "before", in ``adopted_bytes``, and never as an allocation of the block.
+
 What the tracker cannot see: memory a kernel allocates internally and frees before returning
-(e.g. a cuBLAS or oneDNN workspace), tensors created before it started unless registered
-(a storage first met as the input of an op, for example through a slice of a dataset or a
-tensor from ``torch.from_numpy``, was allocated before: it is never counted), memory that
-is not a tensor (the CUDA context, the allocator's cache), and ops run on other threads
-(a dispatch mode is thread-local: a DataLoader's pin-memory thread is not seen).
+(e.g. a cuBLAS or oneDNN workspace), memory that is not a tensor (the CUDA context, the
+allocator's cache), and ops run on other threads (a dispatch mode is thread-local: a
+DataLoader's pin-memory thread is not seen).
 
 The tracker enforces nothing. Whoever needs a limit (:func:`vramlab.budget`) adds an
 allocation hook with :meth:`StorageTracker.add_alloc_hook`.
@@ -23,8 +27,8 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,9 +37,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map_only
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .results import ROLES
 from .storages import real_storages, tensors_in
 
-ROLES: tuple[str, ...] = ("parameters", "gradients", "optimizer", "activations", "other")
 PHASES: tuple[str, ...] = ("before", "forward", "backward", "optimizer")
 
 
@@ -95,6 +99,7 @@ class StorageTracker(TorchDispatchMode):
         self.round_to = max(int(round_to), 1)
         self.timeline: list[TimelinePoint] | None = [] if timeline else None
         self.current_bytes = 0
+        self.adopted_bytes = 0
         self.peak_bytes = 0
         self.peak_records: list[Record] = []
         self.ops = 0
@@ -166,8 +171,9 @@ class StorageTracker(TorchDispatchMode):
         if param.grad is not None:
             self._register_tensor(param.grad, "gradients")
 
-    def _register_tensor(self, tensor: torch.Tensor, role: str | None, op: str = "register",
-                         foreign: frozenset[int] = frozenset()) -> list[Record]:
+    def _register_tensor(
+        self, tensor: torch.Tensor, role: str | None, op: str = "register", foreign: frozenset[int] = frozenset()
+    ) -> list[Record]:
         """Record the storages of ``tensor``; those whose id is in ``foreign`` (storages of
         the op's inputs that the tracker never saw: allocated before it started) are skipped,
         and so is every unknown storage when ``op`` is None (only sizes of known ones refresh)."""
@@ -228,7 +234,7 @@ class StorageTracker(TorchDispatchMode):
             raise ValueError(f"unknown phase {phase!r}; use one of {PHASES}")
         self._phase_override = phase
 
-    def __enter__(self) -> "StorageTracker":
+    def __enter__(self) -> StorageTracker:
         self._hooks.append(optim_hooks.register_optimizer_step_pre_hook(self._step_pre))
         self._hooks.append(optim_hooks.register_optimizer_step_post_hook(self._step_post))
         return super().__enter__()
@@ -279,8 +285,18 @@ class StorageTracker(TorchDispatchMode):
 
     def _account(self, func: Any, name: str, out: Any, args: tuple, kwargs: dict) -> list[Record]:
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        foreign = frozenset(id(st) for t in inputs if t.device.type == self.device_type
-                            for st in real_storages(t) if self._keys.get(st) is None)
+        fresh = name in ("lift_fresh", "lift_fresh_copy")  # torch.tensor(...) made its input just now
+        foreign = (
+            frozenset()
+            if fresh
+            else frozenset(
+                id(st)
+                for t in inputs
+                if t.device.type == self.device_type
+                for st in real_storages(t)
+                if self._keys.get(st) is None
+            )
+        )
         new: list[Record] = []
         role = "other" if name == "_to_copy" and self._is_parameter(args[0]) else None  # autocast's weight copies
         for tensor in tree_flatten(out)[0]:
@@ -289,7 +305,20 @@ class StorageTracker(TorchDispatchMode):
         if func._schema.is_mutable:  # resize_ / set_ on a known input: refresh its size
             for tensor in inputs:
                 self._register_tensor(tensor, None, None)
+            for storage in _written_storages(func, args, kwargs, self.device_type):
+                if id(storage) in foreign and self._keys.get(storage) is None:
+                    self._adopt(storage)
         return new
+
+    def _adopt(self, storage: torch.UntypedStorage) -> None:
+        """Count a storage that existed before the tracker and is written in the block."""
+        record = Record(self._rounded(storage.nbytes()), "before", "adopted", "other")
+        key = next(self._counter)
+        self._live[key] = record
+        self._keys[storage] = record
+        weakref.finalize(storage, self._on_free, key)
+        self.current_bytes += record.nbytes
+        self.adopted_bytes += record.nbytes
 
     def _update_peak(self) -> None:
         if self.current_bytes > self.peak_bytes:
@@ -308,6 +337,18 @@ class StorageTracker(TorchDispatchMode):
     def peak_breakdown(self) -> dict[str, int]:
         """Bytes by role of the storages that were alive at the peak."""
         return self.breakdown(self.peak_records)
+
+
+def _written_storages(func: Any, args: tuple, kwargs: dict, device_type: str) -> Iterator[torch.UntypedStorage]:
+    """The storages of the arguments ``func``'s schema marks as written (``Tensor(a!)``)."""
+    for index, argument in enumerate(func._schema.arguments):
+        alias = argument.alias_info
+        if alias is None or not alias.is_write:
+            continue
+        value = args[index] if index < len(args) else kwargs.get(argument.name)
+        for tensor in tree_flatten(value)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == device_type:
+                yield from real_storages(tensor)
 
 
 def _new_output_bytes(

@@ -52,9 +52,7 @@ def parse_bytes(size: int | float | str) -> int:
         number, unit = match.group(1), match.group(2).lower()
         value, factor = float(number), _unit_factor(unit, size)
     else:
-        raise TypeError(
-            f"a size must be an int number of bytes or a string like '16GiB', got {type(size).__name__}"
-        )
+        raise TypeError(f"a size must be an int number of bytes or a string like '16GiB', got {type(size).__name__}")
     if value < 0:
         raise ValueError(f"size {size!r} is negative: a memory size must be 0 or more bytes")
     return int(round(value * factor))
@@ -73,8 +71,7 @@ def _unit_factor(unit: str, original: str) -> int:
             f"(1024-based) or '{unit[0].upper()}B' for decimal (1000-based) bytes"
         )
     raise ValueError(
-        f"unknown unit {unit!r} in {original!r}: use B, KiB, MiB, GiB, TiB (binary) "
-        "or KB, MB, GB, TB (decimal)"
+        f"unknown unit {unit!r} in {original!r}: use B, KiB, MiB, GiB, TiB (binary) or KB, MB, GB, TB (decimal)"
     )
 
 
@@ -91,4 +88,3 @@ def format_bytes(nbytes: int | float, precision: int = 2) -> str:
         if size >= factor:
             return f"{sign}{size / factor:.{precision}f} {unit}"
     return f"{sign}{int(size)} B"
-

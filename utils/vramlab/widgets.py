@@ -14,19 +14,20 @@ from .estimate import Estimate, estimate
 from .hardware import CONTEXT_HEADROOM, GPUS, fits
 from .models import REGISTRY, from_hf_config, get_arch
 from .recipes import OPTIMIZERS, RECIPES
+from .setups import Setup
 from .units import format_bytes
 
+START = Setup(batch=1, seq=2048, recipe="amp-bf16")
 
-def calculate(model: str = "llama-2-7b", batch: int = 1, seq: int = 2048, recipe: str = "amp-bf16",
-              optimizer: str = "adamw", checkpointing: bool = False, inference: bool = False,
-              config_path: str = "") -> Estimate:
-    """The estimate behind the calculator; ``config_path`` (a config.json) overrides ``model``."""
+
+def calculate(model: str = "llama-2-7b", config_path: str = "", **setup: Any) -> Estimate:
+    """The estimate behind the calculator; ``config_path`` (a config.json) overrides ``model``;
+    keyword arguments are :class:`Setup` fields (default: batch 1, seq 2048, amp-bf16)."""
     arch = from_hf_config(config_path) if config_path.strip() else get_arch(model)
-    return estimate(arch, batch=batch, seq=seq, recipe=recipe, optimizer=optimizer,
-                    checkpointing=checkpointing, inference=inference)
+    return estimate(arch, Setup.of(START, **setup))
 
 
-def report(est: Estimate, gpus: dict[str, int] | None = None, headroom: int = CONTEXT_HEADROOM) -> str:
+def fit_report(est: Estimate, gpus: dict[str, int] | None = None, headroom: int = CONTEXT_HEADROOM) -> str:
     """The estimate and a verdict for each GPU, as text."""
     lines = [str(est), f"verdict (keeping {format_bytes(headroom)} for the CUDA context):"]
     for name, size in (gpus or GPUS).items():
@@ -44,9 +45,8 @@ def memory_calculator(**start: Any) -> Any:
     from .plots import plot_breakdown
 
     first = calculate(**start)
-    print(report(first))
-    s = {**dict(model="llama-2-7b", batch=1, seq=2048, recipe="amp-bf16", optimizer="adamw",
-                checkpointing=False, inference=False, config_path=""), **start}
+    print(fit_report(first))
+    s = {"model": "llama-2-7b", "config_path": "", **first.setup.to_json(), **start}
     controls = {
         "model": w.Dropdown(options=list(REGISTRY), value=s["model"], description="model"),
         "config_path": w.Text(value=s["config_path"], description="config.json", placeholder="optional path"),
@@ -68,14 +68,19 @@ def memory_calculator(**start: Any) -> Any:
                 print(f"cannot estimate: {err}")
                 return
             fig, ax = plt.subplots(figsize=(7, 4))
-            plot_breakdown({est.model: est.bytes}, title=f"{est.model}: peak at {est.peak_moment}", ax=ax)
+            plot_breakdown({est.model: est.breakdown}, title=f"{est.model}: peak at {est.peak_moment}", ax=ax)
             plt.show()
-            print(report(est))
+            print(fit_report(est))
 
     for control in controls.values():
         control.observe(redraw, names="value")
     redraw()
-    return w.VBox([w.HBox([controls["model"], controls["config_path"]]),
-                   w.HBox([controls["batch"], controls["seq"]]),
-                   w.HBox([controls["recipe"], controls["optimizer"]]),
-                   w.HBox([controls["checkpointing"], controls["inference"]]), out])
+    return w.VBox(
+        [
+            w.HBox([controls["model"], controls["config_path"]]),
+            w.HBox([controls["batch"], controls["seq"]]),
+            w.HBox([controls["recipe"], controls["optimizer"]]),
+            w.HBox([controls["checkpointing"], controls["inference"]]),
+            out,
+        ]
+    )

@@ -44,7 +44,7 @@ def attempt(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[bool, An
         return False, None
 
 
-def report(name: str, status: str, message: str = "") -> CheckResult:
+def give_verdict(name: str, status: str, message: str = "") -> CheckResult:
     """Print a check's verdict; raise :class:`CheckFailed` when it failed."""
     result = CheckResult(name, status, message)
     mark = {PASSED: "✅", FAILED: "❌", NOT_ATTEMPTED: "⏳"}[status]
@@ -55,25 +55,27 @@ def report(name: str, status: str, message: str = "") -> CheckResult:
     return result
 
 
-def relative_error(got: float, want: float) -> float:
+def relative_gap(got: float, want: float) -> float:
     """|got - want| / |want| (0 when both are 0, inf when only ``want`` is 0)."""
     if want == 0:
         return 0.0 if got == 0 else math.inf
     return abs(got - want) / abs(want)
 
 
-def judge_bytes(name: str, got: Any, want: int, rel_tol: float, setup: str, hint: str,
-                explain: Callable[[], str] | None = None) -> CheckResult | None:
+def judge_bytes(
+    name: str, got: Any, want: int, rel_tol: float, setup: str, hint: str, explain: Callable[[], str] | None = None
+) -> CheckResult | None:
     """``None`` when ``got`` is a finite number of bytes within ``rel_tol`` of ``want``;
     otherwise the failed report (which raises :class:`CheckFailed`). ``explain`` is called
     only on failure, for a diagnosis of which part is off."""
     if isinstance(got, bool) or not isinstance(got, (int, float)) or not math.isfinite(got):
-        return report(name, FAILED, f"expected a number of bytes, got {got!r}. Hint: {hint}")
-    err = relative_error(float(got), float(want))
+        return give_verdict(name, FAILED, f"expected a number of bytes, got {got!r}. Hint: {hint}")
+    err = relative_gap(float(got), float(want))
     if err > rel_tol:
         where = explain() if explain else ""
-        return report(
-            name, FAILED,
+        return give_verdict(
+            name,
+            FAILED,
             f"for {setup} you predicted {format_bytes(got)} ({int(got):,} B) but vramlab measured "
             f"{format_bytes(want)} ({int(want):,} B): off by {err:.1%}, more than the {rel_tol:.2%} allowed. "
             f"{where}Hint: {hint}",
@@ -81,7 +83,9 @@ def judge_bytes(name: str, got: Any, want: int, rel_tol: float, setup: str, hint
     return None
 
 
-def check_bytes(name: str, fn: Callable[..., Any], cases: list[tuple[tuple, dict, int]], rel_tol: float, hint: str) -> CheckResult:
+def check_bytes(
+    name: str, fn: Callable[..., Any], cases: list[tuple[tuple, dict, int]], rel_tol: float, hint: str
+) -> CheckResult:
     """Check that ``fn(*args, **kwargs)`` returns a byte count within ``rel_tol`` of the
     measured value for every case ``(args, kwargs, measured_bytes)``.
 
@@ -92,18 +96,20 @@ def check_bytes(name: str, fn: Callable[..., Any], cases: list[tuple[tuple, dict
     for args, kwargs, measured in cases:
         attempted, got = attempt(fn, *args, **kwargs)
         if not attempted:
-            return report(name, NOT_ATTEMPTED, "replace the `raise NotImplementedError` with your answer")
+            return give_verdict(name, NOT_ATTEMPTED, "replace the `raise NotImplementedError` with your answer")
         setup = "(" + ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())]) + ")"
         failed = judge_bytes(name, got, measured, rel_tol, setup, hint)
         if failed:
             return failed
-    return report(name, PASSED, f"within {rel_tol:.0%} of the measurement on {len(cases)} set-ups")
+    return give_verdict(name, PASSED, f"within {rel_tol:.0%} of the measurement on {len(cases)} set-ups")
 
 
-def check_true(name: str, fn: Callable[..., Any], judge: Callable[[Any], tuple[bool, str]], *args: Any, **kwargs: Any) -> CheckResult:
+def check_true(
+    name: str, fn: Callable[..., Any], judge: Callable[[Any], tuple[bool, str]], *args: Any, **kwargs: Any
+) -> CheckResult:
     """Generic check: ``judge(answer)`` returns ``(ok, explanation)``."""
     attempted, got = attempt(fn, *args, **kwargs)
     if not attempted:
-        return report(name, NOT_ATTEMPTED, "replace the `raise NotImplementedError` with your answer")
+        return give_verdict(name, NOT_ATTEMPTED, "replace the `raise NotImplementedError` with your answer")
     ok, why = judge(got)
-    return report(name, PASSED if ok else FAILED, why)
+    return give_verdict(name, PASSED if ok else FAILED, why)

@@ -18,7 +18,7 @@ from ..budget import budget
 from ..gpt import GPTConfig, TinyGPT, random_batch
 from ..measure import measure
 from ..units import format_bytes
-from . import FAILED, NOT_ATTEMPTED, PASSED, CheckResult, attempt, judge_bytes, report
+from . import FAILED, NOT_ATTEMPTED, PASSED, CheckResult, attempt, give_verdict, judge_bytes
 
 CONFIGS = (  # hidden from the lab's text: answers cannot be tuned to them
     GPTConfig(vocab_size=300, seq_len=49, hidden=96, layers=3, heads=4),
@@ -37,7 +37,9 @@ def _optimizer(name: str, params: list[torch.nn.Parameter]) -> torch.optim.Optim
     return torch.optim.AdamW(params, lr=1e-3, foreach=True)
 
 
-def measure_step(cfg: GPTConfig, batch: int = 2, optimizer: str = "adamw", frozen_embedding: bool = False) -> dict[str, int]:
+def measure_step(
+    cfg: GPTConfig, batch: int = 2, optimizer: str = "adamw", frozen_embedding: bool = False
+) -> dict[str, int]:
     """One real training step of TinyGPT on the CPU: bytes by role after the step, the
     activations saved at the end of the forward pass, and the step's peak."""
     torch.manual_seed(0)
@@ -73,36 +75,62 @@ def _diagnose(fn: Callable[..., int], cfg: GPTConfig, truth: Callable[[GPTConfig
     return "; ".join(parts) + ". "
 
 
-def _check_counts(name: str, fn: Callable[..., int], role: str, hint: str,
-                  kwargs_for: Callable[[GPTConfig], dict], measured_for: Callable[[GPTConfig], int]) -> CheckResult:
+def _check_counts(
+    name: str,
+    fn: Callable[..., int],
+    role: str,
+    hint: str,
+    kwargs_for: Callable[[GPTConfig], dict],
+    measured_for: Callable[[GPTConfig], int],
+) -> CheckResult:
     for cfg in CONFIGS:
         attempted, got = attempt(fn, cfg, **kwargs_for(cfg))
         if not attempted:
-            return report(name, NOT_ATTEMPTED, "replace the `raise NotImplementedError` with your answer")
-        failed = judge_bytes(name, got, measured_for(cfg), TOLERANCE[role], str(cfg), hint,
-                             explain=lambda: _diagnose(lambda c: fn(c, **kwargs_for(c)), cfg, measured_for))
+            return give_verdict(name, NOT_ATTEMPTED, "replace the `raise NotImplementedError` with your answer")
+        failed = judge_bytes(
+            name,
+            got,
+            measured_for(cfg),
+            TOLERANCE[role],
+            str(cfg),
+            hint,
+            explain=lambda cfg=cfg: _diagnose(lambda c: fn(c, **kwargs_for(c)), cfg, measured_for),
+        )
         if failed:
             return failed
-    return report(name, PASSED, f"matches the measurement on {len(CONFIGS)} configurations you have not seen"
-                  + ("" if TOLERANCE[role] == 0 else f" (within {TOLERANCE[role]:.2%})"))
+    return give_verdict(
+        name,
+        PASSED,
+        f"matches the measurement on {len(CONFIGS)} configurations you have not seen"
+        + ("" if TOLERANCE[role] == 0 else f" (within {TOLERANCE[role]:.2%})"),
+    )
 
 
 def check_param_bytes(fn: Callable[[GPTConfig], int]) -> CheckResult:
     """``fn(cfg)``: bytes of TinyGPT's fp32 parameters."""
-    return _check_counts("parameter bytes", fn, "parameters",
-                         "4 bytes per parameter; count the token and position embeddings, every Linear's weight "
-                         "and bias, every LayerNorm's weight and bias, and remember the LM head is tied.",
-                         lambda cfg: {}, lambda cfg: measure_step(cfg, optimizer="sgd")["parameters"])
+    return _check_counts(
+        "parameter bytes",
+        fn,
+        "parameters",
+        "4 bytes per parameter; count the token and position embeddings, every Linear's weight "
+        "and bias, every LayerNorm's weight and bias, and remember the LM head is tied.",
+        lambda cfg: {},
+        lambda cfg: measure_step(cfg, optimizer="sgd")["parameters"],
+    )
 
 
 def check_grad_bytes(fn: Callable[..., int]) -> CheckResult:
     """``fn(cfg, frozen_embedding)``: bytes of gradients after backward."""
     result = None
     for frozen in (False, True):
-        result = _check_counts(f"gradient bytes (frozen embedding={frozen})", fn, "gradients",
-                               "one fp32 gradient per trainable parameter; a frozen tensor has none.",
-                               lambda cfg, f=frozen: {"frozen_embedding": f},
-                               lambda cfg, f=frozen: measure_step(cfg, optimizer="sgd", frozen_embedding=f)["gradients"])
+        result = _check_counts(
+            f"gradient bytes (frozen embedding={frozen})",
+            fn,
+            "gradients",
+            "one fp32 gradient per trainable parameter; a frozen tensor has none.",
+            lambda cfg, f=frozen: {"frozen_embedding": f},
+            lambda cfg, f=frozen: measure_step(cfg, optimizer="sgd", frozen_embedding=f)["gradients"],
+        )
         if result.status != PASSED:
             return result
     return result  # type: ignore[return-value]
@@ -112,11 +140,15 @@ def check_optimizer_bytes(fn: Callable[..., int]) -> CheckResult:
     """``fn(cfg, optimizer)``: bytes of optimizer state after the first step."""
     result = None
     for name in OPTIMIZERS:
-        result = _check_counts(f"optimizer state ({name})", fn, "optimizer",
-                               "SGD keeps nothing; momentum keeps one buffer per parameter; AdamW keeps two "
-                               "moments per parameter (and a 4-byte step counter per tensor, negligible here).",
-                               lambda cfg, n=name: {"optimizer": n},
-                               lambda cfg, n=name: measure_step(cfg, optimizer=n)["optimizer"])
+        result = _check_counts(
+            f"optimizer state ({name})",
+            fn,
+            "optimizer",
+            "SGD keeps nothing; momentum keeps one buffer per parameter; AdamW keeps two "
+            "moments per parameter (and a 4-byte step counter per tensor, negligible here).",
+            lambda cfg, n=name: {"optimizer": n},
+            lambda cfg, n=name: measure_step(cfg, optimizer=n)["optimizer"],
+        )
         if result.status != PASSED:
             return result
     return result  # type: ignore[return-value]
@@ -126,19 +158,29 @@ def check_activation_bytes(fn: Callable[..., int]) -> CheckResult:
     """``fn(cfg, batch)``: bytes autograd holds at the end of the forward pass (loss computed)."""
     result = None
     for batch in (1, 3):
-        result = _check_counts(f"activation bytes (batch {batch})", fn, "activations",
-                               "read TinyGPT's code: per block, which outputs does backward need (LayerNorm "
-                               "outputs and statistics, q/k/v, attention output and log-sum-exp, the MLP's two "
-                               "wide tensors, the residual sums)? Outside the blocks: the embedding sum, the final "
-                               "LayerNorm, the log-softmax over the vocabulary, the labels. The loss uses seq_len - 1 tokens.",
-                               lambda cfg, b=batch: {"batch": b},
-                               lambda cfg, b=batch: measure_step(cfg, batch=b, optimizer="sgd")["saved"])
+        result = _check_counts(
+            f"activation bytes (batch {batch})",
+            fn,
+            "activations",
+            "read TinyGPT's code: per block, which outputs does backward need (LayerNorm "
+            "outputs and statistics, q/k/v, attention output and log-sum-exp, the MLP's two "
+            "wide tensors, the residual sums)? Outside the blocks: the embedding sum, the final "
+            "LayerNorm, the log-softmax over the vocabulary, the labels. The loss uses seq_len - 1 tokens.",
+            lambda cfg, b=batch: {"batch": b},
+            lambda cfg, b=batch: measure_step(cfg, batch=b, optimizer="sgd")["saved"],
+        )
         if result.status != PASSED:
             return result
     return result  # type: ignore[return-value]
 
 
-FIT_CASES = ((CONFIGS[0], 4, 0.8), (CONFIGS[0], 4, 1.25), (CONFIGS[1], 16, 0.8), (CONFIGS[2], 2, 1.25), (CONFIGS[2], 32, 0.8))
+FIT_CASES = (
+    (CONFIGS[0], 4, 0.8),
+    (CONFIGS[0], 4, 1.25),
+    (CONFIGS[1], 16, 0.8),
+    (CONFIGS[2], 2, 1.25),
+    (CONFIGS[2], 32, 0.8),
+)
 
 
 def check_fits(fn: Callable[..., bool]) -> CheckResult:
@@ -152,18 +194,22 @@ def check_fits(fn: Callable[..., bool]) -> CheckResult:
         limit = int(measure_step(cfg, batch=batch)["peak"] * factor)
         attempted, answer = attempt(fn, cfg, batch, limit)
         if not attempted:
-            return report(name, NOT_ATTEMPTED, "replace the `raise NotImplementedError` with your answer")
+            return give_verdict(name, NOT_ATTEMPTED, "replace the `raise NotImplementedError` with your answer")
         if not isinstance(answer, bool):
-            return report(name, FAILED, f"expected True or False, got {answer!r}")
+            return give_verdict(name, FAILED, f"expected True or False, got {answer!r}")
         actual = _runs_within(cfg, batch, limit)
         if answer != actual:
-            return report(name, FAILED,
-                          f"for {cfg}, batch {batch}, budget {format_bytes(limit)}: you said "
-                          f"{'fits' if answer else 'does not fit'}, the budget run {'completed' if actual else 'ran out of memory'}. "
-                          "Hint: the peak is the larger of the optimizer step (weights + gradients + two AdamW moments "
-                          "+ one temporary per parameter) and the start of backward (weights + activations + two "
-                          "(tokens x vocab) fp32 loss gradients).")
-    return report(name, PASSED, f"agrees with {len(FIT_CASES)} real budget runs")
+            return give_verdict(
+                name,
+                FAILED,
+                f"for {cfg}, batch {batch}, budget {format_bytes(limit)}: you said "
+                f"{'fits' if answer else 'does not fit'}, "
+                f"the budget run {'completed' if actual else 'ran out of memory'}. "
+                "Hint: the peak is the larger of the optimizer step (weights + gradients + two AdamW moments "
+                "+ one temporary per parameter) and the start of backward (weights + activations + two "
+                "(tokens x vocab) fp32 loss gradients).",
+            )
+    return give_verdict(name, PASSED, f"agrees with {len(FIT_CASES)} real budget runs")
 
 
 def _runs_within(cfg: GPTConfig, batch: int, limit: int) -> bool:

@@ -9,7 +9,6 @@ code needs no instrumentation.
 
 from __future__ import annotations
 
-import copy
 import gc
 from collections.abc import Callable, Iterator
 
@@ -20,7 +19,7 @@ from ..budget import budget
 from ..gpt import GPTConfig, TinyGPT, random_batch
 from ..measure import measure
 from ..units import MiB, format_bytes
-from . import FAILED, NOT_ATTEMPTED, PASSED, CheckResult, report
+from . import FAILED, NOT_ATTEMPTED, PASSED, CheckResult, give_verdict
 
 CONFIG = GPTConfig(vocab_size=512, seq_len=65, hidden=64, layers=2, heads=2)
 BATCH = 32
@@ -102,31 +101,58 @@ def check_train(train: Callable) -> CheckResult:
     try:
         after, error = run_under_budget(train)
     except NotImplementedError:
-        return report(name, NOT_ATTEMPTED, "replace the `raise NotImplementedError` with your loop")
+        return give_verdict(name, NOT_ATTEMPTED, "replace the `raise NotImplementedError` with your loop")
     if error:
         where = f"at iteration {len(after) + 1}"
-        growth = f" Memory grew from {format_bytes(after[0])} after iteration 1 to {format_bytes(after[-1])}." if len(after) > 1 else ""
-        return report(name, FAILED, f"it ran out of memory {where} of {ITERATIONS} within {format_bytes(LIMIT)}.{growth} "
-                      f"{error.split('. Free tensors')[0]}. Hint: if it fails at once, one step of {BATCH} sequences is "
-                      "too big (accumulate gradients over micro-batches); if it fails later, something is kept across iterations.")
+        growth = (
+            f" Memory grew from {format_bytes(after[0])} after iteration 1 to {format_bytes(after[-1])}."
+            if len(after) > 1
+            else ""
+        )
+        return give_verdict(
+            name,
+            FAILED,
+            f"it ran out of memory {where} of {ITERATIONS} within {format_bytes(LIMIT)}.{growth} "
+            f"{error.split('. Free tensors')[0]}. Hint: if it fails at once, one step of {BATCH} sequences is "
+            "too big (accumulate gradients over micro-batches); "
+            "if it fails later, something is kept across iterations.",
+        )
     if len(after) != ITERATIONS:
-        return report(name, FAILED, f"the loop ran {len(after)} iterations; it must consume all {ITERATIONS} batches")
+        return give_verdict(
+            name, FAILED, f"the loop ran {len(after)} iterations; it must consume all {ITERATIONS} batches"
+        )
     if after[-1] != after[1]:
-        return report(name, FAILED, f"memory after iteration {ITERATIONS} is {format_bytes(after[-1])} but "
-                      f"{format_bytes(after[1])} after iteration 2: {format_bytes((after[-1] - after[1]) / (ITERATIONS - 2))} "
-                      "leaks per iteration. Hint: keep Python numbers (loss.item()), not tensors, in the history.")
+        return give_verdict(
+            name,
+            FAILED,
+            f"memory after iteration {ITERATIONS} is {format_bytes(after[-1])} but "
+            f"{format_bytes(after[1])} after iteration 2: {format_bytes((after[-1] - after[1]) / (ITERATIONS - 2))} "
+            "leaks per iteration. Hint: keep Python numbers (loss.item()), not tensors, in the history.",
+        )
     got, want = _grads_of(train), reference_grads()
     if any(g is None for g in got):
-        return report(name, FAILED, "some parameters have no gradient after your loop's first iteration. Hint: zero the "
-                      "gradients at the start of each iteration, as the original does, not after the step.")
+        return give_verdict(
+            name,
+            FAILED,
+            "some parameters have no gradient after your loop's first iteration. Hint: zero the "
+            "gradients at the start of each iteration, as the original does, not after the step.",
+        )
     errors = [((g - w).norm() / w.norm()).item() for g, w in zip(got, want)]
     worst = max(errors)
     if not all(e <= GRAD_RTOL for e in errors):  # `not <=` also catches NaN, which max() can hide
-        return report(name, FAILED, f"your first step's gradients differ from the full-batch gradients by up to {worst:.2%}. "
-                      "Hint: with k micro-batches, each micro-batch loss must be divided by k, and every sequence of the "
-                      "batch must be used (the effective batch stays 32).")
-    return report(name, PASSED, f"{ITERATIONS} iterations within {format_bytes(LIMIT)}, flat memory, and full-batch gradients "
-                  f"(within {GRAD_RTOL:.0e})")
+        return give_verdict(
+            name,
+            FAILED,
+            f"your first step's gradients differ from the full-batch gradients by up to {worst:.2%}. "
+            "Hint: with k micro-batches, each micro-batch loss must be divided by k, and every sequence of the "
+            "batch must be used (the effective batch stays 32).",
+        )
+    return give_verdict(
+        name,
+        PASSED,
+        f"{ITERATIONS} iterations within {format_bytes(LIMIT)}, flat memory, and full-batch gradients "
+        f"(within {GRAD_RTOL:.0e})",
+    )
 
 
 def profile(train: Callable, iterations: int = 5, seed: int = 0) -> tuple[list[int], int]:

@@ -23,9 +23,10 @@ import torch
 from ..budget import budget
 from ..gpt import GPTConfig, TinyGPT, pattern_batch
 from ..measure import measure
+from ..oom import NEXT_STEPS
 from ..search import largest_batch
 from ..units import MiB, format_bytes
-from . import FAILED, NOT_ATTEMPTED, PASSED, CheckResult, report
+from . import FAILED, NOT_ATTEMPTED, PASSED, CheckResult, give_verdict
 
 LIMIT = 40 * MiB
 BATCH = 16
@@ -88,22 +89,39 @@ def check_fit(configure: Callable, step: Callable) -> CheckResult:
     try:
         losses, error = train_in_budget(configure, step)
     except NotImplementedError:
-        return report(name, NOT_ATTEMPTED, "replace the `raise NotImplementedError` in configure and step")
+        return give_verdict(name, NOT_ATTEMPTED, "replace the `raise NotImplementedError` in configure and step")
     if error:
-        return report(name, FAILED, f"out of memory at step {len(losses) + 1} of {STEPS}: "
-                      f"{error.split('. Free tensors')[0]}. Hint: combine checkpointing, micro-batches and a lighter optimizer step.")
+        return give_verdict(
+            name,
+            FAILED,
+            f"out of memory at step {len(losses) + 1} of {STEPS}: "
+            f"{error.split('. ' + NEXT_STEPS)[0]}. "
+            "Hint: combine checkpointing, micro-batches and a lighter optimizer step.",
+        )
     if not losses[-1] < losses[0]:
-        return report(name, FAILED, f"the loss did not go down ({losses[0]:.3f} -> {losses[-1]:.3f}); check the learning rate and the update")
+        return give_verdict(
+            name,
+            FAILED,
+            f"the loss did not go down ({losses[0]:.3f} -> {losses[-1]:.3f}); check the learning rate and the update",
+        )
     got = _first_grads(configure, step)
     if any(g is None for g in got):
-        return report(name, FAILED, "no gradients after your first step: zero them at the start of `step`, not after the update")
+        return give_verdict(
+            name, FAILED, "no gradients after your first step: zero them at the start of `step`, not after the update"
+        )
     want = _first_grads(naive_configure, lambda m, o, ids: naive_step(m, o, ids))
     errors = [((g - w).norm() / w.norm()).item() for g, w in zip(got, want)]
     worst = max(errors)
     if not all(e <= GRAD_RTOL for e in errors):  # `not <=` also catches NaN, which max() can hide
-        return report(name, FAILED, f"your gradients differ from the full-batch gradients by up to {worst:.2%}. Hint: divide each "
-                      "micro-batch loss by the number of micro-batches and use all 16 sequences.")
-    return report(name, PASSED, f"{STEPS} steps inside the budget, loss {losses[0]:.3f} -> {losses[-1]:.3f}, full-batch gradients")
+        return give_verdict(
+            name,
+            FAILED,
+            f"your gradients differ from the full-batch gradients by up to {worst:.2%}. Hint: divide each "
+            "micro-batch loss by the number of micro-batches and use all 16 sequences.",
+        )
+    return give_verdict(
+        name, PASSED, f"{STEPS} steps inside the budget, loss {losses[0]:.3f} -> {losses[-1]:.3f}, full-batch gradients"
+    )
 
 
 def step_peak(configure: Callable, step: Callable, layers: int) -> int:
@@ -118,10 +136,12 @@ def step_peak(configure: Callable, step: Callable, layers: int) -> int:
 
 def largest_depth(configure: Callable, step: Callable) -> int:
     """The most blocks whose training step peaks inside the budget (0 if none)."""
-    def fits(layers: int) -> None:
+
+    def within_budget(layers: int) -> None:
         if step_peak(configure, step, layers) > LIMIT:
             raise torch.OutOfMemoryError(f"{layers} blocks exceed the budget")
-    return largest_batch(fits, limit=128).largest
+
+    return largest_batch(within_budget, limit=128).largest
 
 
 def check_scaling(configure: Callable, step: Callable) -> CheckResult:
@@ -130,12 +150,16 @@ def check_scaling(configure: Callable, step: Callable) -> CheckResult:
     try:
         mine = largest_depth(configure, step)
     except NotImplementedError:
-        return report(name, NOT_ATTEMPTED, "replace the `raise NotImplementedError` in configure and step")
+        return give_verdict(name, NOT_ATTEMPTED, "replace the `raise NotImplementedError` in configure and step")
     naive = largest_depth(naive_configure, naive_step)
     naive_params, my_params = config(naive).params if naive else 0, config(mine).params if mine else 0
     ratio = my_params / naive_params if naive_params else float("inf")
-    text = (f"naive fp32 AdamW: {naive} block(s), {naive_params:,} parameters; your recipe: {mine} blocks, "
-            f"{my_params:,} parameters: {ratio:.1f}x")
+    text = (
+        f"naive fp32 AdamW: {naive} block(s), {naive_params:,} parameters; your recipe: {mine} blocks, "
+        f"{my_params:,} parameters: {ratio:.1f}x"
+    )
     if ratio < TARGET_RATIO:
-        return report(name, FAILED, text + f". Hint: at batch {BATCH} activations dominate; what stores the fewest per block?")
-    return report(name, PASSED, text)
+        return give_verdict(
+            name, FAILED, text + f". Hint: at batch {BATCH} activations dominate; what stores the fewest per block?"
+        )
+    return give_verdict(name, PASSED, text)

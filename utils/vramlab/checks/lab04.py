@@ -27,7 +27,7 @@ from .. import minilm
 from ..prune import module_bytes, prune_ffn_neurons
 from ..quantize import linears_and_embeddings, torchao_int8
 from ..units import MiB, format_bytes
-from . import FAILED, NOT_ATTEMPTED, PASSED, CheckResult, attempt, judge_bytes, report
+from . import FAILED, NOT_ATTEMPTED, PASSED, CheckResult, attempt, give_verdict, judge_bytes
 
 TARGET_BYTES = 20 * MiB
 MIN_COSINE = 0.98
@@ -61,26 +61,32 @@ def measured_int8_bytes(model: nn.Module) -> int:
 def check_int8_prediction(int8_bytes: Callable[[nn.Module], int]) -> CheckResult:
     """``int8_bytes(model)`` equals the measured bytes for the full and a pruned encoder."""
     name = "predict the bytes of int8 MiniLM"
-    hint = ("every Linear and Embedding weight becomes one int8 byte per value plus, per row, an fp32 scale "
-            "and an int8 zero point; everything else (biases, LayerNorm) stays fp32")
-    cases = {"the full encoder": fresh_model(), "the encoder with 25 % of its FFN neurons removed":
-             prune_ffn_neurons(fresh_model(), 0.25)}
+    hint = (
+        "every Linear and Embedding weight becomes one int8 byte per value plus, per row, an fp32 scale "
+        "and an int8 zero point; everything else (biases, LayerNorm) stays fp32"
+    )
+    cases = {
+        "the full encoder": fresh_model(),
+        "the encoder with 25 % of its FFN neurons removed": prune_ffn_neurons(fresh_model(), 0.25),
+    }
     for setup, model in cases.items():
         attempted, got = attempt(int8_bytes, copy.deepcopy(model))
         if not attempted:
-            return report(name, NOT_ATTEMPTED, "replace the `raise NotImplementedError` in int8_bytes")
+            return give_verdict(name, NOT_ATTEMPTED, "replace the `raise NotImplementedError` in int8_bytes")
         failed = judge_bytes(name, got, measured_int8_bytes(model), 0.0, setup, hint)
         if failed:
             return failed
-    return report(name, PASSED, f"exact to the byte on {len(cases)} models")
+    return give_verdict(name, PASSED, f"exact to the byte on {len(cases)} models")
 
 
 def _shrunk(shrink: Callable[[nn.Module], nn.Module], name: str) -> tuple[nn.Module | None, CheckResult | None]:
     attempted, model = attempt(shrink, fresh_model())
     if not attempted:
-        return None, report(name, NOT_ATTEMPTED, "replace the `raise NotImplementedError` in shrink")
+        return None, give_verdict(name, NOT_ATTEMPTED, "replace the `raise NotImplementedError` in shrink")
     if not isinstance(model, nn.Module):
-        return None, report(name, FAILED, f"shrink must return the compressed encoder (an nn.Module), got {type(model).__name__}")
+        return None, give_verdict(
+            name, FAILED, f"shrink must return the compressed encoder (an nn.Module), got {type(model).__name__}"
+        )
     return model, None
 
 
@@ -93,8 +99,10 @@ def check_size(shrink: Callable[[nn.Module], nn.Module]) -> CheckResult:
     got = module_bytes(model)
     text = f"measured {format_bytes(got)} ({got:,} B) against {format_bytes(TARGET_BYTES)}"
     if got > TARGET_BYTES:
-        return report(name, FAILED, text + ". Hint: the token embedding is half of MiniLM; what else can go below 8 bits?")
-    return report(name, PASSED, text)
+        return give_verdict(
+            name, FAILED, text + ". Hint: the token embedding is half of MiniLM; what else can go below 8 bits?"
+        )
+    return give_verdict(name, PASSED, text)
 
 
 def held_out_cosine(model: nn.Module) -> float:
@@ -111,14 +119,29 @@ def check_quality(shrink: Callable[[nn.Module], nn.Module]) -> CheckResult:
     try:
         cos = held_out_cosine(model)
     except ValueError as err:
-        return report(name, FAILED, f"{err} Hint: run your model on a few sentences before returning it")
+        return give_verdict(name, FAILED, f"{err} Hint: run your model on a few sentences before returning it")
     except Exception as err:  # a model that cannot embed sentences fails with its own message
-        return report(name, FAILED, f"embedding the held-out sentences raised {type(err).__name__}: {err}")
+        return give_verdict(name, FAILED, f"embedding the held-out sentences raised {type(err).__name__}: {err}")
     text = f"mean cosine {cos:.4f} on {len(minilm.sentences('heldout'))} held-out sentences"
     if not cos >= MIN_COSINE:
-        return report(name, FAILED, text + ". Hint: 4-bit codes everywhere cost too much; keep the most sensitive layers at 8 bits")
-    return report(name, PASSED, text)
+        return give_verdict(
+            name,
+            FAILED,
+            text + ". Hint: 4-bit codes everywhere cost too much; keep the most sensitive layers at 8 bits",
+        )
+    return give_verdict(name, PASSED, text)
 
 
-__all__ = ["MIN_COSINE", "PASSED", "FAILED", "TARGET_BYTES", "check_int8_prediction", "check_quality", "check_size",
-           "fresh_model", "held_out_cosine", "measured_int8_bytes", "tokenizer"]
+__all__ = [
+    "MIN_COSINE",
+    "PASSED",
+    "FAILED",
+    "TARGET_BYTES",
+    "check_int8_prediction",
+    "check_quality",
+    "check_size",
+    "fresh_model",
+    "held_out_cosine",
+    "measured_int8_bytes",
+    "tokenizer",
+]

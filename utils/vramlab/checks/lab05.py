@@ -20,7 +20,7 @@ from typing import Any
 from .. import parallel as PL
 from ..distributed import Rank, RankFailed, launch
 from ..units import MiB, format_bytes
-from . import FAILED, NOT_ATTEMPTED, PASSED, CheckResult, attempt, report
+from . import FAILED, NOT_ATTEMPTED, PASSED, CheckResult, attempt, give_verdict
 
 CFG = dict(vocab_size=256, seq_len=33, hidden=256, layers=4, heads=4)
 WORLD = 2
@@ -54,7 +54,11 @@ def validate(plan: Any) -> str:
         return f"plan() must return exactly the keys {sorted(KEYS)}, got {sorted(plan)}"
     if plan["strategy"] not in PL.STRATEGIES:
         return f"unknown strategy {plan['strategy']!r}; choose one of {PL.STRATEGIES}"
-    if isinstance(plan["batch_per_rank"], bool) or not isinstance(plan["batch_per_rank"], int) or plan["batch_per_rank"] < 1:
+    if (
+        isinstance(plan["batch_per_rank"], bool)
+        or not isinstance(plan["batch_per_rank"], int)
+        or plan["batch_per_rank"] < 1
+    ):
         return f"batch_per_rank must be a positive int, got {plan['batch_per_rank']!r}"
     if not isinstance(plan["checkpointing"], bool):
         return f"checkpointing must be True or False, got {plan['checkpointing']!r}"
@@ -63,8 +67,13 @@ def validate(plan: Any) -> str:
 
 def run(plan: dict[str, Any]) -> list[dict[str, Any]]:
     """Train ``STEPS`` steps on ``WORLD`` ranks under the budget with ``plan``; each rank's report."""
-    return launch(PL.train, WORLD, args=(plan["strategy"], CFG, plan["batch_per_rank"], STEPS, 3e-3, BUDGET,
-                                         plan["checkpointing"]), timeout_s=240, backend="gloo")
+    return launch(
+        PL.train,
+        WORLD,
+        args=(plan["strategy"], CFG, plan["batch_per_rank"], STEPS, 3e-3, BUDGET, plan["checkpointing"]),
+        timeout_s=240,
+        backend="gloo",
+    )
 
 
 def check_sharding(plan_fn: Callable[[], dict[str, Any]]) -> CheckResult:
@@ -72,24 +81,34 @@ def check_sharding(plan_fn: Callable[[], dict[str, Any]]) -> CheckResult:
     name = f"train on {WORLD} ranks within {format_bytes(BUDGET)} each, same losses as one process"
     attempted, plan = attempt(plan_fn)
     if not attempted:
-        return report(name, NOT_ATTEMPTED, "replace the `raise NotImplementedError` in plan")
+        return give_verdict(name, NOT_ATTEMPTED, "replace the `raise NotImplementedError` in plan")
     problem = validate(plan)
     if problem:
-        return report(name, FAILED, problem)
+        return give_verdict(name, FAILED, problem)
     try:
         ranks = run(plan)
     except RankFailed as err:
-        return report(name, FAILED, str(err).splitlines()[0])
+        return give_verdict(name, FAILED, str(err).splitlines()[0])
     for r in ranks:
         if r["error"]:
-            return report(name, FAILED, f"rank {r['rank']} ran out of memory: {r['error']}. "
-                          "Hint: which states does your strategy still replicate on every rank?")
+            return give_verdict(
+                name,
+                FAILED,
+                f"rank {r['rank']} ran out of memory: {r['error']}. "
+                "Hint: which states does your strategy still replicate on every rank?",
+            )
         if r["peak_bytes"] > BUDGET:
-            return report(name, FAILED, f"rank {r['rank']} peaked at {format_bytes(r['peak_bytes'])}, over {format_bytes(BUDGET)}")
+            return give_verdict(
+                name, FAILED, f"rank {r['rank']} peaked at {format_bytes(r['peak_bytes'])}, over {format_bytes(BUDGET)}"
+            )
     want, got = reference_losses(), ranks[0]["losses"]
     if len(got) != len(want) or not all(abs(g - w) <= LOSS_RTOL * abs(w) for g, w in zip(got, want)):
-        return report(name, FAILED, f"losses {[round(x, 5) for x in got]} differ from one process on the whole batch "
-                      f"{[round(x, 5) for x in want]}. Hint: {WORLD} ranks x batch_per_rank must be the global batch "
-                      f"of {GLOBAL_BATCH}, and 'single' does not synchronise the ranks.")
+        return give_verdict(
+            name,
+            FAILED,
+            f"losses {[round(x, 5) for x in got]} differ from one process on the whole batch "
+            f"{[round(x, 5) for x in want]}. Hint: {WORLD} ranks x batch_per_rank must be the global batch "
+            f"of {GLOBAL_BATCH}, and 'single' does not synchronise the ranks.",
+        )
     peaks = ", ".join(f"rank {r['rank']} {format_bytes(r['peak_bytes'])}" for r in ranks)
-    return report(name, PASSED, f"peaks {peaks}; losses match one process to {LOSS_RTOL:.0e}")
+    return give_verdict(name, PASSED, f"peaks {peaks}; losses match one process to {LOSS_RTOL:.0e}")

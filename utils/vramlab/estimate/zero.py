@@ -1,0 +1,31 @@
+"""Per-rank bytes of weights, gradients and optimizer state under ZeRO (Rajbhandari et al., 2020)."""
+
+from __future__ import annotations
+
+import math
+
+from ..recipes import check_positive
+
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+def zero_bytes_per_rank(
+    params: int, world_size: int, stage: int, weight_bytes: float = 4, grad_bytes: float = 4, optimizer_bytes: float = 8
+) -> dict[str, int]:
+    """Per-rank bytes of weights, gradients and optimizer state under ZeRO (Rajbhandari et al.,
+    2020): stage 0 replicates everything (DDP), stage 1 shards the optimizer state, stage 2
+    also the gradients, stage 3 also the weights, each over ``world_size`` ranks. Defaults
+    are fp32 AdamW (4 + 4 + 8 bytes per parameter); the paper's mixed precision is 2, 2, 12.
+    Activations are not sharded by ZeRO and are not included."""
+    check_positive(params=params, world_size=world_size)
+    if stage not in ZERO_STAGES:
+        raise ValueError(f"ZeRO stage must be one of {ZERO_STAGES}, got {stage!r}")
+
+    def share(per_param: float, sharded: bool) -> int:
+        return int(math.ceil(params / world_size) * per_param) if sharded else int(params * per_param)
+
+    return {
+        "parameters": share(weight_bytes, stage >= 3),
+        "gradients": share(grad_bytes, stage >= 2),
+        "optimizer": share(optimizer_bytes, stage >= 1),
+    }

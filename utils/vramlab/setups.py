@@ -1,0 +1,73 @@
+"""What one step does, validated once: :class:`Setup`, taken by estimate, dryrun, the CLI
+and the calculator widget alike."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from .recipes import check_optimizer, check_positive, get_recipe
+
+ATTENTIONS = ("sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One training step (forward, backward, optimizer step) or, with ``inference``, one
+    prefill of ``seq`` tokens per sequence that builds the KV cache.
+
+    Args:
+        batch: sequences per step (> 0). seq: tokens per sequence (> 0).
+        recipe: precision recipe, see :mod:`vramlab.recipes` (fp32, amp-bf16, amp-fp16, bf16).
+        optimizer: adamw, adam, sgd, sgd-momentum, adafactor or adamw-8bit (training only).
+        checkpointing: one activation checkpoint per block (training only).
+        inference: a prefill instead of a training step.
+        attention: "sdpa" (fused, no s x s scores kept) or "eager" (scores materialised).
+
+    Names are normalised (``"AMP-BF16"`` becomes ``"amp-bf16"``); a bad value raises a
+    ``ValueError`` that lists the valid ones.
+    """
+
+    batch: int = 1
+    seq: int = 1024
+    recipe: str = "fp32"
+    optimizer: str = "adamw"
+    checkpointing: bool = False
+    inference: bool = False
+    attention: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        check_positive(batch=self.batch, seq=self.seq)
+        object.__setattr__(self, "recipe", get_recipe(self.recipe).name)
+        object.__setattr__(self, "optimizer", check_optimizer(self.optimizer))
+        for name in ("checkpointing", "inference"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        attention = str(self.attention).lower()
+        if attention not in ATTENTIONS:
+            raise ValueError(f"unknown attention {self.attention!r}; use one of {', '.join(ATTENTIONS)}")
+        object.__setattr__(self, "attention", attention)
+
+    @classmethod
+    def of(cls, setup: Setup | None = None, **changes: Any) -> Setup:
+        """``setup`` (default: the defaults) with ``changes`` applied, validated."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise TypeError(f"unknown setup field(s) {unknown}; a Setup has {sorted(known)}")
+        if setup is not None and not isinstance(setup, Setup):
+            raise TypeError(f"setup must be a vramlab.Setup, got {type(setup).__name__}")
+        return replace(setup or cls(), **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields as a plain dict."""
+        return asdict(self)
+
+    def describe(self) -> str:
+        """One line, e.g. ``training step, batch 4, seq 2048, amp-bf16, adamw, checkpointing``."""
+        if self.inference:
+            return f"prefill (inference), batch {self.batch}, seq {self.seq}, {self.recipe}, {self.attention} attention"
+        return (
+            f"training step, batch {self.batch}, seq {self.seq}, {self.recipe}, {self.optimizer}, "
+            f"{self.attention} attention" + (", checkpointing" if self.checkpointing else "")
+        )
