@@ -10,14 +10,14 @@ NOTEBOOKS = $(wildcard chapters/*.ipynb labs/*.ipynb solutions/*.ipynb)
 PORT ?= 8888
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)  # JupyterLab refuses root (containers) without it
 
-.PHONY: lab test install labs strip clean bench
+.PHONY: lab test install labs strip clean bench dist
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(BIN)/python pyproject.toml $(CONSTRAINTS)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[test,lab,optim,compress]"
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[test,lab,optim,compress,gpu]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -41,8 +41,14 @@ labs: $(STAMP)
 strip: $(STAMP)
 	$(BIN)/python -m vramlab.notebooks strip chapters labs solutions
 
+dist: $(STAMP)  # a wheel an instructor can upload to Colab beside the notebooks (see README, On Colab)
+	rm -rf dist build
+	$(BIN)/python -m pip install -q "setuptools>=68"
+	$(BIN)/python -m pip wheel -q --no-deps --no-build-isolation -w dist .
+	@ls dist/*.whl
+
 bench: $(STAMP)
 	$(BIN)/python bench/estimate_accuracy.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache dist build

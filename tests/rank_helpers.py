@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 def rank_info(rank):
     """Each rank sums its rank over the group and reports its pid."""
-    t = torch.tensor([float(rank.rank)])
+    t = torch.tensor([float(rank.rank)], device=rank.device)  # NCCL reduces GPU tensors only
     dist.all_reduce(t)
     return {"rank": rank.rank, "world": rank.world_size, "sum": float(t), "pid": os.getpid(), "backend": rank.backend}
 

@@ -3,6 +3,7 @@
 import copy
 import math
 import sys
+import warnings
 
 import pytest
 import torch
@@ -199,7 +200,8 @@ def test_csr_bytes_and_view_trap():
     w = torch.randn(96, 64)
     w[torch.rand_like(w) < 0.8] = 0
     nnz = int((w != 0).sum())
-    with pytest.warns(UserWarning, match="beta"):
+    with warnings.catch_warnings():  # torch warns "beta" once per process: not this test's subject
+        warnings.simplefilter("ignore")
         raw = w.to_sparse_csr()
     assert raw.col_indices().untyped_storage().nbytes() == 2 * 8 * nnz  # a row of the COO indices
     assert storage_bytes(P.to_csr(w)) == nnz * (4 + 8) + (96 + 1) * 8
@@ -216,3 +218,23 @@ def test_module_bytes_counts_what_torch_prune_keeps():
     tprune.remove(lin, "weight")
     assert P.module_bytes(lin) == 32 * 16 * 4
     assert P.zero_fraction([lin.weight]) == 0.5
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_bnb_layers_are_quantized_by_the_move_to_the_models_device(bnb, monkeypatch, bits):
+    """On a GPU the new layers' weights must start on the CPU (Int8Params quantizes only on a
+    move from the CPU) and the model must go back to the device it was on before the swap."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    moved_to = []
+
+    def device_of(m):  # a GPU model: its original weights are on CUDA, new bnb weights start on the CPU
+        return torch.device("cuda" if type(next(m.parameters())) is nn.Parameter else "cpu")
+
+    monkeypatch.setattr(Q, "_device", device_of)
+    monkeypatch.setattr(model, "to", lambda device: moved_to.append(device) or model)
+    Q.bnb_linears(model, bits)
+    assert moved_to == [torch.device("cuda")]
+    weight = model[0].weight
+    assert weight.device.type == "cpu" and weight.dtype == torch.float32  # not quantized until moved
+    weight = weight.to("cpu")  # the move quantizes (here to the CPU; on a GPU to CUDA)
+    assert weight.dtype == (torch.int8 if bits == 8 else torch.uint8)

@@ -143,3 +143,15 @@ def test_planner_ladder():
     assert seven == sorted(seven, reverse=True) and seven[-1] == 1
     seventy = first_fit("llama-2-70b", DEVICE_SIZES["24 GB"])
     assert "TP" in seventy.recipe and seventy.devices % 8 == 0 and seventy.bytes_per_device <= DEVICE_SIZES["24 GB"]
+
+
+def test_clock_reads_wait_for_cuda_kernels(monkeypatch):
+    from vramlab import timing
+
+    synced = []
+    monkeypatch.setattr(timing.torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    timing.now("cpu")
+    assert synced == []
+    timing.now(timing.torch.device("cuda", 1))
+    assert synced == [timing.torch.device("cuda", 1)]
+    assert PL.now is timing.now  # the pipeline's busy time and step time read this clock

@@ -268,3 +268,17 @@ def test_with_cuda_reported_cpu_tensors_are_still_measured_on_the_cpu(monkeypatc
         with pytest.raises(torch.OutOfMemoryError):
             torch.empty(10**11)  # refused by the CPU budget, never handed to any allocator
     assert m.source == "cpu-tracked"
+
+
+def test_autocast_dtype_follows_native_bf16(monkeypatch):
+    import sys
+
+    D = sys.modules["vramlab.device"]
+    assert D.autocast_dtype("cpu") == torch.bfloat16
+    monkeypatch.setattr(D, "has_cuda", lambda: True)
+    for capability, dtype in (((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, c=capability: c)
+        assert D.autocast_dtype("cuda") == dtype, capability
+    monkeypatch.setattr(D, "has_cuda", lambda: False)
+    with pytest.raises(NoGPUError, match="autocast dtype"):
+        D.autocast_dtype("cuda")

@@ -108,3 +108,57 @@ def test_readme_accuracy_table_is_the_bench_output():
 def test_readme_names_the_test_command_ci_runs():
     assert "make test" in README
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids(NOTEBOOKS))
+def test_badges_follow_the_published_repository(path):
+    from vramlab.notebooks import REPO_URL, colab_prefix
+
+    first = source(load(path)["cells"][0])
+    kind = "labs" if path.parent.name in ("labs", "solutions") else path.parent.name
+    assert f"{colab_prefix(REPO_URL)}{kind}/{path.name}" in first, "run `python -m vramlab.notebooks publish`"
+
+
+def test_publish_points_setup_cell_and_badge_elsewhere():
+    from vramlab.notebooks import publish, setup_cell
+
+    nb = publish(load(CHAPTERS[0]), "https://github.com/someone/fork")
+    assert "colab.research.google.com/github/someone/fork/blob/main/chapters/" in source(nb["cells"][0])
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert source(code[0]) == setup_cell("https://github.com/someone/fork") != SETUP_CELL
+    with pytest.raises(ValueError, match="not a github.com repository URL"):
+        publish(load(CHAPTERS[0]), "https://gitlab.com/a/b/c")
+
+
+@pytest.mark.parametrize("where", ["env", "wheel", "repository"])
+def test_setup_cell_installs_from_the_instructors_choice(where, tmp_path, monkeypatch):
+    import importlib.util
+    import subprocess
+
+    from vramlab.notebooks import REPO_URL
+
+    calls = []
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "vramlab" else real_find_spec(name)
+    )
+    real_run = subprocess.run
+
+    def run(args, **kwargs):  # record pip installs; let anything else (platform's uname) run
+        return calls.append(args[-1]) if args[1:4] == ["-m", "pip", "install"] else real_run(args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", run)
+    monkeypatch.chdir(tmp_path)  # a fresh runtime: no clone here
+    monkeypatch.delenv("VRAMLAB_INSTALL", raising=False)
+    wheel = tmp_path / "vramlab-0.1.0-py3-none-any.whl"
+    if where == "env":
+        monkeypatch.setenv("VRAMLAB_INSTALL", "https://example.org/vramlab-0.2.0-py3-none-any.whl")
+    if where in ("env", "wheel"):
+        wheel.write_bytes(b"")
+    exec(SETUP_CELL, {})
+    want = {
+        "env": "https://example.org/vramlab-0.2.0-py3-none-any.whl",
+        "wheel": wheel.resolve().as_uri(),
+        "repository": f"git+{REPO_URL}",
+    }[where]
+    assert calls == [f"vramlab[optim,compress,gpu] @ {want}"]

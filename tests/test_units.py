@@ -76,3 +76,11 @@ def test_round_trip():
     for n in (0, 1, 1000, 2**20, 5 * 2**30 + 7):
         assert parse_bytes(f"{n} B") == n
         assert abs(parse_bytes(format_bytes(n, precision=6).replace(" ", "")) - n) <= max(n * 1e-6, 1)
+
+
+def test_cuda_block_bytes():
+    from vramlab.units import cuda_block_bytes
+
+    assert [cuda_block_bytes(n) for n in (0, 1, 4, 512, 513, 1000, 2**20)] == [512, 512, 512, 512, 1024, 1024, 2**20]
+    with pytest.raises(ValueError, match="whole number of bytes"):
+        cuda_block_bytes(1.5)

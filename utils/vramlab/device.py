@@ -65,6 +65,17 @@ def device_info() -> DeviceInfo:
     return DeviceInfo("cpu", platform.processor() or platform.machine(), None, None, False, torch.__version__)
 
 
+def autocast_dtype(device: str | torch.device = "cuda") -> torch.dtype:
+    """The 16-bit dtype for mixed precision on ``device``: bf16 where it runs natively (CUDA
+    compute capability 8.0 and up: A100, H100, L4), fp16 with a GradScaler below that (a
+    Colab T4 is 7.5: ``torch.cuda.is_bf16_supported()`` says True there, but only by
+    emulation, which is slow). On a CPU, bf16 (CPU autocast's dtype)."""
+    if torch.device(device).type != "cuda":
+        return torch.bfloat16
+    require_cuda("choosing a CUDA autocast dtype")
+    return torch.bfloat16 if torch.cuda.get_device_capability() >= (8, 0) else torch.float16
+
+
 def cuda_memory_stats(device: int | None = None) -> dict[str, int]:
     """The three numbers people confuse, in bytes, for one GPU.
 

@@ -6,26 +6,68 @@ python -m vramlab.notebooks strip chapters labs solutions   # remove outputs in 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
-REPO_URL = "https://github.com/vram-lab/vram-lab"
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
+BRANCH = "main"
 
-# The one setup cell, identical in every notebook (tests/test_notebooks.py enforces it).
-SETUP_CELL = f"""\
+
+def repository_url() -> str:
+    """Where the course is published: ``[project.urls] Repository`` in pyproject.toml (or, in
+    an installed wheel, the same field of the package's metadata)."""
+    if PYPROJECT.is_file():
+        match = re.search(r'^Repository\s*=\s*"([^"]+)"', PYPROJECT.read_text(encoding="utf-8"), re.M)
+        if match:
+            return match.group(1)
+    from importlib.metadata import metadata
+
+    for entry in metadata("vramlab").get_all("Project-URL") or []:
+        label, _, url = entry.partition(",")
+        if label.strip() == "Repository":
+            return url.strip()
+    raise LookupError("no Repository URL in pyproject.toml [project.urls] or the installed metadata")
+
+
+def setup_cell(repo_url: str) -> str:
+    """The one setup cell, identical in every notebook (tests/test_notebooks.py enforces it).
+
+    It uses vramlab from this clone; on a fresh runtime (Colab) it installs, without touching
+    the runtime's torch, the first of: ``$VRAMLAB_INSTALL`` (a wheel's path or URL, or a
+    ``git+https://`` URL), a ``vramlab-*.whl`` uploaded next to the notebook (``make dist``
+    builds one), or the published repository."""
+    return f"""\
 # Setup: identical in every notebook. Uses vramlab from this clone, or installs it on a fresh
-# runtime (Colab) without touching the runtime's torch.
-import importlib.util, subprocess, sys
+# runtime (Colab) without touching the runtime's torch: $VRAMLAB_INSTALL (a wheel's path or
+# URL), else a vramlab-*.whl uploaded beside the notebook, else the course repository.
+import importlib.util, os, subprocess, sys
 from pathlib import Path
 for _root in (Path.cwd(), Path.cwd().parent):
     if importlib.util.find_spec("vramlab") is None and (_root / "utils" / "vramlab").is_dir():
         sys.path.insert(0, str(_root / "utils"))
 if importlib.util.find_spec("vramlab") is None:
+    _wheels = sorted(Path.cwd().glob("vramlab-*.whl"))
+    _source = os.environ.get("VRAMLAB_INSTALL") or (str(_wheels[-1]) if _wheels else "git+{repo_url}")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q",
-                    "vramlab[optim,compress] @ git+{REPO_URL}"], check=True)
+                    "vramlab[optim,compress,gpu] @ "
+                    + (Path(_source).resolve().as_uri() if Path(_source).is_file() else _source)], check=True)
 import vramlab
 print(vramlab.device_info().describe())"""
+
+
+def colab_prefix(repo_url: str, branch: str = BRANCH) -> str:
+    """The start of an "Open in Colab" link to a notebook of ``repo_url`` (a GitHub URL)."""
+    match = re.fullmatch(r"https://github\.com/([^/]+)/([^/]+?)(?:\.git)?/?", repo_url)
+    if not match:
+        raise ValueError(f"Colab opens notebooks from GitHub; {repo_url!r} is not a github.com repository URL")
+    return f"https://colab.research.google.com/github/{match.group(1)}/{match.group(2)}/blob/{branch}/"
+
+
+REPO_URL = repository_url()
+SETUP_CELL = setup_cell(REPO_URL)
+COLAB_LINK = re.compile(r"https://colab\.research\.google\.com/github/[^/\s)]+/[^/\s)]+/blob/[^/\s)]+/")
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -63,15 +105,32 @@ def is_stripped(nb: dict[str, Any]) -> bool:
     )
 
 
+def publish(nb: dict[str, Any], repo_url: str) -> dict[str, Any]:
+    """Point ``nb``'s setup cell and Colab badge at ``repo_url``."""
+    code = [cell for cell in nb.get("cells", []) if cell.get("cell_type") == "code"]
+    if code:
+        code[0]["source"] = setup_cell(repo_url).splitlines(keepends=True)
+    prefix = colab_prefix(repo_url)
+    for cell in nb.get("cells", []):
+        if cell.get("cell_type") == "markdown":
+            cell["source"] = COLAB_LINK.sub(prefix, source(cell)).splitlines(keepends=True)
+    return nb
+
+
+USAGE = """usage: python -m vramlab.notebooks strip DIR_OR_NOTEBOOK [...]
+       python -m vramlab.notebooks publish DIR_OR_NOTEBOOK [...]   (setup cells and badges from pyproject.toml)"""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] != "strip":
-        print("usage: python -m vramlab.notebooks strip DIR_OR_NOTEBOOK [...]", file=sys.stderr)
+    if not args or args[0] not in ("strip", "publish"):
+        print(USAGE, file=sys.stderr)
         return 2
     paths = [p for arg in args[1:] for p in (sorted(Path(arg).glob("*.ipynb")) if Path(arg).is_dir() else [Path(arg)])]
     for path in paths:
-        dump(strip(load(path)), path)
-        print(f"stripped {path}")
+        nb = load(path)
+        dump(strip(nb) if args[0] == "strip" else publish(nb, REPO_URL), path)
+        print(f"{'stripped' if args[0] == 'strip' else 'published'} {path}")
     return 0
 
 

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +25,7 @@ from .gpt import GPTConfig, TinyGPT, pattern_batch
 from .measure import measure
 from .oom import NEXT_STEPS
 from .storages import real_storages, storage_bytes
+from .timing import now
 
 STRATEGIES = ("single", "ddp", "zero1", "zero2", "fsdp")
 
@@ -113,7 +113,7 @@ def train(
         else measure(model, opt, batches, timeline=timeline)
     )
     error = ""
-    start = time.perf_counter()
+    start = now(rank.device)
     try:
         with guard, counter:
             for ids in batches:
@@ -126,10 +126,10 @@ def train(
         error = str(err).split(". " + NEXT_STEPS)[0]
     m = guard.result
     assert m is not None
-    seconds = (time.perf_counter() - start) / steps
+    seconds = (now(rank.device) - start) / steps
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if strategy != "single" and len(losses) == steps:
-        mean = torch.tensor(losses, dtype=torch.float64)
+        mean = torch.tensor(losses, dtype=torch.float64, device=rank.device)  # NCCL reduces GPU tensors only
         dist.all_reduce(mean)
         losses = (mean / rank.world_size).tolist()
     return {
@@ -279,7 +279,7 @@ def pipeline(rank: Rank, layers: int, hidden: int, batch: int, micro_batches: in
     timings = []
     for _ in range(repeats + 1):  # the first step warms up
         dist.barrier()
-        busy, start = 0.0, time.perf_counter()
+        busy, start = 0.0, now(rank.device)
         with measure(blocks) as m:
             inputs, outputs = [], []
             for i in range(micro_batches):
@@ -289,30 +289,30 @@ def pipeline(rank: Rank, layers: int, hidden: int, batch: int, micro_batches: in
                     x = torch.empty(size, hidden, device=rank.device)
                     dist.recv(x, src=0)
                     x.requires_grad_(True)
-                t = time.perf_counter()
+                t = now(rank.device)
                 y = _run_stage(blocks, x)
                 if rank.rank == 1:
                     y = y.square().mean() / micro_batches
-                busy += time.perf_counter() - t
+                busy += now(rank.device) - t
                 if rank.rank == 0:
                     dist.send(y.detach(), dst=1)
                 inputs.append(x)
                 outputs.append(y)
             for i in reversed(range(micro_batches)):
-                t = time.perf_counter()
+                t = now(rank.device)
                 if rank.rank == 1:
                     outputs[i].backward()
-                    busy += time.perf_counter() - t
+                    busy += now(rank.device) - t
                     dist.send(inputs[i].grad, dst=0)
                 else:
                     grad = torch.empty_like(outputs[i])
                     dist.recv(grad, src=1)
-                    t = time.perf_counter()
+                    t = now(rank.device)
                     outputs[i].backward(grad)
-                    busy += time.perf_counter() - t
+                    busy += now(rank.device) - t
             del inputs, outputs
             dist.barrier()  # the step ends when the last stage is done: idle tails count as bubble
-        timings.append((busy, time.perf_counter() - start, m.peak_bytes))
+        timings.append((busy, now(rank.device) - start, m.peak_bytes))
     busy, total, peak = sorted(timings[1:], key=lambda t: t[1])[len(timings[1:]) // 2]
     return {
         "rank": rank.rank,

@@ -117,22 +117,25 @@ def bnb_linears(model: nn.Module, bits: int, filter_fn: Filter = linears, blocks
     ``bits=8``: ``Linear8bitLt`` (LLM.int8(): int8 weights, one scale per row).
     ``bits=4``: ``Linear4bit`` with NF4 codes and one absmax per ``blocksize`` weights
     (no double quantization, so the absmax stays fp32); computation in fp32.
-    The weights are quantized when the model is moved to its device (here: the CPU).
+    The weights are quantized when the model is moved back to its device: each new layer
+    starts with a CPU copy of the weight, because ``Int8Params`` quantizes only on a move
+    *from* the CPU (a CUDA weight moved to CUDA would stay full precision).
     """
     _check_model(model)
     if bits not in (4, 8):
         raise ValueError(f"bitsandbytes layers are 8-bit or 4-bit; got bits={bits!r}.")
     bnb = bitsandbytes()
+    device = _device(model)  # before the swap: the new layers' weights start on the CPU
     for name, module in list(model.named_modules()):
         if filter_fn(module, name):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, _bnb_layer(bnb, module, bits, blocksize))
     with quiet_imports():
-        return model.to(_device(model))
+        return model.to(device)
 
 
 def _bnb_layer(bnb: Any, linear: nn.Linear, bits: int, blocksize: int) -> nn.Module:
-    weight = linear.weight.data.clone()
+    weight = linear.weight.data.detach().to("cpu", copy=True)  # quantized by the move to the device
     with quiet_imports():
         if bits == 8:
             layer = bnb.nn.Linear8bitLt(

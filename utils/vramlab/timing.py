@@ -11,6 +11,14 @@ import torch
 from .device import has_cuda
 
 
+def now(device: str | torch.device = "cpu") -> float:
+    """``time.perf_counter()`` after ``device``'s queued kernels have finished (CUDA runs them
+    asynchronously, so an unsynchronised clock read times the launch, not the work)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def median_seconds(fn: Callable[[], object], repeats: int = 3, warmup: int = 0) -> float:
     """Median wall-clock seconds of ``fn()`` over ``repeats`` runs, after ``warmup`` untimed runs.
 
