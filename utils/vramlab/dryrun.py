@@ -25,7 +25,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .measure import Measurement, measure
-from .models import ArchConfig, get_arch
+from .models import ArchConfig, check_positions, get_arch
 from .recipes import Recipe, check_optimizer, check_positive, get_recipe
 from .results import result_json
 from .setups import ATTENTIONS, Setup
@@ -198,10 +198,7 @@ def dryrun(
     arch = get_arch(model)
     setup = Setup.of(setup, **changes)
     rec = get_recipe(setup.recipe)
-    if setup.seq > arch.max_position and arch.family == "gpt2":
-        raise ValueError(
-            f"{arch.name} has learned positions for at most {arch.max_position} tokens; got seq={setup.seq}"
-        )
+    check_positions(arch, setup.seq)
     if _fake and not setup.inference and setup.optimizer in ("adafactor", "adamw-8bit"):
         raise ValueError(
             f"{setup.optimizer} has no dry-run path (its step reads values with .item() or runs kernels "

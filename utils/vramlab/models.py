@@ -134,45 +134,118 @@ def get_arch(name_or_config: str | ArchConfig) -> ArchConfig:
     )
 
 
+def check_positions(arch: ArchConfig, seq: int) -> None:
+    """Refuse a sequence longer than a model with learned positions (GPT-2) has positions for."""
+    if arch.family == "gpt2" and seq > arch.max_position:
+        raise ValueError(f"{arch.name} has learned positions for at most {arch.max_position} tokens; got seq={seq}")
+
+
 def from_hf_config(source: str | Path | dict[str, Any], name: str | None = None) -> ArchConfig:
-    """Build an :class:`ArchConfig` from a Hugging Face ``config.json`` (a path or its dict)."""
-    if isinstance(source, dict):
-        data, default_name = source, "custom"
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"no config file at {path}: pass the path of a Hugging Face config.json")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from None
-        default_name = path.parent.name or path.stem
-    model_type = str(data.get("model_type", "llama")).lower()
-    family = {"gpt2": "gpt2", "llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}.get(model_type)
+    """Build an :class:`ArchConfig` from a Hugging Face ``config.json`` (a path or its dict).
+
+    Every field that changes a shape is read, and what vramlab does not model is refused with
+    a ValueError that says so (rather than answered with a wrong number): a missing
+    ``model_type``, a ``head_dim`` other than hidden / heads, an active sliding window
+    shorter than the context, biases in Llama-style projections."""
+    data, default_name = _read_config(source)
+    model_type = data.get("model_type")
+    if model_type is None:
+        raise ValueError(
+            "config.json has no model_type, so vramlab cannot tell the architecture; "
+            f"supported model types: {', '.join(FAMILIES)}"
+        )
+    family = {"gpt2": "gpt2", "llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}.get(str(model_type).lower())
     if family is None:
         raise ValueError(f"model_type {model_type!r} is not supported; supported: {', '.join(FAMILIES)}")
-
-    def pick(*keys: str, default: Any = None) -> Any:
-        for key in keys:
-            if data.get(key) is not None:
-                return data[key]
-        if default is None:
-            raise ValueError(f"config.json lacks {' / '.join(keys)}")
-        return default
-
-    hidden = int(pick("hidden_size", "n_embd"))
-    heads = int(pick("num_attention_heads", "n_head"))
-    default_inter = 4 * hidden if family == "gpt2" else None
+    field = _ConfigFields(data)
+    hidden = field.integer("hidden_size", "n_embd")
+    heads = field.integer("num_attention_heads", "n_head")
+    layers = field.integer("num_hidden_layers", "n_layer")
+    max_position = field.integer("max_position_embeddings", "n_positions", default=4096)
+    _refuse_unmodelled(field, family, hidden, heads, max_position)
     return ArchConfig(
         name=name or str(data.get("_name_or_path") or default_name),
         family=family,
-        vocab_size=int(pick("vocab_size")),
+        vocab_size=field.integer("vocab_size"),
         hidden_size=hidden,
-        num_layers=int(pick("num_hidden_layers", "n_layer")),
+        num_layers=layers,
         num_heads=heads,
-        num_kv_heads=int(pick("num_key_value_heads", default=heads)),
-        intermediate_size=int(pick("intermediate_size", "n_inner", default=default_inter)),
-        max_position=int(pick("max_position_embeddings", "n_positions", default=4096)),
-        tie_embeddings=bool(pick("tie_word_embeddings", default=family in ("gpt2",))),
+        num_kv_heads=field.integer("num_key_value_heads", default=heads),
+        intermediate_size=field.integer(
+            "intermediate_size", "n_inner", default=4 * hidden if family == "gpt2" else None
+        ),
+        max_position=max_position,
+        tie_embeddings=field.boolean("tie_word_embeddings", default=family == "gpt2"),
         source=str(source) if not isinstance(source, dict) else "dict",
     )
+
+
+def _read_config(source: str | Path | dict[str, Any]) -> tuple[dict[str, Any], str]:
+    if isinstance(source, dict):
+        return source, "custom"
+    if not isinstance(source, (str, Path)):
+        raise ValueError(f"pass the path of a config.json or its dict, not a {type(source).__name__}")
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"no config file at {path}: pass the path of a Hugging Face config.json")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not the object a config.json holds")
+    return data, path.parent.name or path.stem
+
+
+class _ConfigFields:
+    """Typed reads of config.json fields, each error naming the field."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+
+    def _get(self, keys: tuple[str, ...], default: Any) -> tuple[str, Any]:
+        for key in keys:
+            if self.data.get(key) is not None:
+                return key, self.data[key]
+        if default is None:
+            raise ValueError(f"config.json lacks {' / '.join(keys)}")
+        return keys[0], default
+
+    def integer(self, *keys: str, default: int | None = None) -> int:
+        key, value = self._get(keys, default)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**40:
+            raise ValueError(f"config.json field {key} must be a positive whole number below 2**40, got {value!r}")
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.data.get(key, default)
+        if value is None:
+            return default
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        if not isinstance(value, bool):
+            raise ValueError(f"config.json field {key} must be true or false, got {value!r}")
+        return value
+
+
+def _refuse_unmodelled(field: _ConfigFields, family: str, hidden: int, heads: int, max_position: int) -> None:
+    if field.data.get("head_dim") is not None:
+        head_dim = field.integer("head_dim")
+        if head_dim * heads != hidden:
+            raise ValueError(
+                f"head_dim {head_dim} differs from hidden_size / num_attention_heads = {hidden / heads:g}: "
+                "projections of another width than the hidden size are not modelled by vramlab yet"
+            )
+    window = field.data.get("sliding_window")
+    if window is not None and field.boolean("use_sliding_window", True):
+        if field.integer("sliding_window") < max_position:
+            raise ValueError(
+                f"sliding_window {window} is shorter than the context ({max_position} positions): a sliding-window "
+                "KV cache is not modelled by vramlab yet (it stops growing at the window)"
+            )
+    if family in ("llama", "mistral"):
+        for key in ("attention_bias", "mlp_bias"):
+            if field.boolean(key, False):
+                raise ValueError(f"{key}: true (biases in the projections) is not modelled by vramlab yet")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..models import ArchConfig, get_arch
+from ..models import ArchConfig, check_positions, get_arch
 from ..recipes import Recipe, check_positive, get_recipe
 from ..results import result_json
 from ..setups import Setup
@@ -78,6 +78,7 @@ def estimate(model: str | ArchConfig, setup: Setup | None = None, **changes: Any
     change its fields (or the defaults')."""
     arch = get_arch(model)
     setup = Setup.of(setup, **changes)
+    check_positions(arch, setup.seq)
     rec = get_recipe(setup.recipe)
     if setup.inference and setup.attention == "eager":
         raise ValueError(
