@@ -120,3 +120,33 @@ def test_non_numbers_fail_every_count_check(bad):
         lab01.check_param_bytes(lambda c: bad)
     with pytest.raises(CheckFailed, match="expected a number"):
         lab01.check_activation_bytes(lambda c, batch: bad)
+
+
+# -- learners who want the tick without the work (issue 14) -------------------------------
+MEASURING = {  # each returns the measured value instead of predicting it
+    "check_param_bytes": lambda c: lab01.measure_step(c, optimizer="sgd")["parameters"],
+    "check_grad_bytes": lambda c, frozen_embedding=False: lab01.measure_step(
+        c, optimizer="sgd", frozen_embedding=frozen_embedding
+    )["gradients"],
+    "check_optimizer_bytes": lambda c, optimizer: lab01.measure_step(c, optimizer=optimizer)["optimizer"],
+    "check_activation_bytes": lambda c, batch: lab01.measure_step(c, batch=batch, optimizer="sgd")["saved"],
+    "check_fits": lambda c, batch, budget_bytes: lab01._runs_within(c, batch, budget_bytes),
+}
+
+
+@pytest.mark.parametrize("check", list(MEASURING))
+def test_a_prediction_that_measures_is_refused(check):
+    with pytest.raises(CheckFailed, match="your prediction allocated tensors"):
+        getattr(lab01, check)(MEASURING[check])
+
+
+def test_numpy_answers_count_and_fractional_bytes_are_shown(right):
+    import numpy as np
+
+    P, fits = right["predict_param_bytes"], right["predict_fits"]
+    assert lab01.check_param_bytes(lambda c: np.int64(P(c))).passed
+    assert lab01.check_fits(lambda c, b, budget: np.bool_(fits(c, b, budget))).passed
+    with pytest.raises(CheckFailed, match=r"\.40 B\) .* off by 0\.4 B"):
+        lab01.check_param_bytes(lambda c: P(c) + 0.4)
+    with pytest.raises(CheckFailed, match="expected a number of bytes, got None"):
+        lab01.check_param_bytes(lambda c: None)

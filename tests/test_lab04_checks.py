@@ -119,3 +119,8 @@ def test_returning_something_else_fails_clearly():
 def test_int8_prediction_helper_matches_measurement():
     model = lab04.fresh_model()
     assert lab04.measured_int8_bytes(model) < P.module_bytes(model) / 3
+
+
+def test_a_prediction_that_quantizes_and_measures_is_refused():
+    with pytest.raises(CheckFailed, match="your prediction allocated tensors.*do not quantize"):
+        lab04.check_int8_prediction(lab04.measured_int8_bytes)

@@ -10,11 +10,15 @@ notebook with a wrong answer fails under nbval).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..units import format_bytes
+import numpy as np
+import torch
+
+from ..units import KiB, format_bytes
 
 PASSED, FAILED, NOT_ATTEMPTED = "passed", "failed", "not attempted yet"
 
@@ -44,6 +48,53 @@ def attempt(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[bool, An
         return False, None
 
 
+PREDICTION_BUDGET = 64 * KiB
+"""What a prediction may allocate: a prediction is arithmetic on the configuration. Building
+the model, running its step or measuring it (the check's own job) allocates far more."""
+
+
+class Measured(Exception):
+    """A prediction allocated tensors: it measured instead of predicting."""
+
+
+def predict(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[bool, Any]:
+    """Call the learner's prediction ``fn`` like :func:`attempt`, under a CPU budget of
+    :data:`PREDICTION_BUDGET` bytes; raise :class:`Measured` if it allocates more."""
+    from ..budget import budget
+
+    try:
+        with budget(PREDICTION_BUDGET, device="cpu"):
+            return attempt(fn, *args, **kwargs)
+    except torch.OutOfMemoryError:
+        raise Measured() from None
+
+
+MEASURED_HINT = (
+    "your prediction allocated tensors: it built, ran or measured a model. Predict from the "
+    "configuration alone (arithmetic on its sizes); the check does the measuring."
+)
+
+
+def as_number(value: Any) -> float | None:
+    """``value`` as a float if it is a finite real number (Python, NumPy, or a one-element
+    integer/float tensor), else None. Booleans are not numbers here."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype == torch.bool:
+        value = value.item()
+    if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Real):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def as_bool(value: Any) -> bool | None:
+    """``value`` as a bool if it is one (Python, NumPy or a one-element bool tensor), else None."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype == torch.bool:
+        return bool(value.item())
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    return None
+
+
 def give_verdict(name: str, status: str, message: str = "") -> CheckResult:
     """Print a check's verdict; raise :class:`CheckFailed` when it failed."""
     result = CheckResult(name, status, message)
@@ -68,17 +119,19 @@ def judge_bytes(
     """``None`` when ``got`` is a finite number of bytes within ``rel_tol`` of ``want``;
     otherwise the failed report (which raises :class:`CheckFailed`). ``explain`` is called
     only on failure, for a diagnosis of which part is off."""
-    if isinstance(got, bool) or not isinstance(got, (int, float)) or not math.isfinite(got):
+    number = as_number(got)
+    if number is None:
         return give_verdict(name, FAILED, f"expected a number of bytes, got {got!r}. Hint: {hint}")
-    err = relative_gap(float(got), float(want))
+    err = relative_gap(number, float(want))
     if err > rel_tol:
         where = explain() if explain else ""
+        exact = f"{int(number):,}" if number.is_integer() else f"{number:,.2f}"
         return give_verdict(
             name,
             FAILED,
-            f"for {setup} you predicted {format_bytes(got)} ({int(got):,} B) but vramlab measured "
-            f"{format_bytes(want)} ({int(want):,} B): off by {err:.1%}, more than the {rel_tol:.2%} allowed. "
-            f"{where}Hint: {hint}",
+            f"for {setup} you predicted {format_bytes(number)} ({exact} B) but vramlab measured "
+            f"{format_bytes(want)} ({int(want):,} B): off by {abs(number - want):,.6g} B ({err:.2%}), more than "
+            f"the {rel_tol:.2%} allowed. {where}Hint: {hint}",
         )
     return None
 

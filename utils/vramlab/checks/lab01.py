@@ -18,7 +18,18 @@ from ..budget import budget
 from ..gpt import GPTConfig, TinyGPT, random_batch
 from ..measure import measure
 from ..units import format_bytes
-from . import FAILED, NOT_ATTEMPTED, PASSED, CheckResult, attempt, give_verdict, judge_bytes
+from . import (
+    FAILED,
+    MEASURED_HINT,
+    NOT_ATTEMPTED,
+    PASSED,
+    CheckResult,
+    Measured,
+    as_bool,
+    give_verdict,
+    judge_bytes,
+    predict,
+)
 
 CONFIGS = (  # hidden from the lab's text: answers cannot be tuned to them
     GPTConfig(vocab_size=300, seq_len=49, hidden=96, layers=3, heads=4),
@@ -84,7 +95,10 @@ def _check_counts(
     measured_for: Callable[[GPTConfig], int],
 ) -> CheckResult:
     for cfg in CONFIGS:
-        attempted, got = attempt(fn, cfg, **kwargs_for(cfg))
+        try:
+            attempted, got = predict(fn, cfg, **kwargs_for(cfg))
+        except Measured:
+            return give_verdict(name, FAILED, MEASURED_HINT)
         if not attempted:
             return give_verdict(name, NOT_ATTEMPTED, "replace the `raise NotImplementedError` with your answer")
         failed = judge_bytes(
@@ -192,11 +206,15 @@ def check_fits(fn: Callable[..., bool]) -> CheckResult:
     name = "fits the budget"
     for cfg, batch, factor in FIT_CASES:
         limit = int(measure_step(cfg, batch=batch)["peak"] * factor)
-        attempted, answer = attempt(fn, cfg, batch, limit)
+        try:
+            attempted, got = predict(fn, cfg, batch, limit)
+        except Measured:
+            return give_verdict(name, FAILED, MEASURED_HINT + " Here: do not run the step to see if it fits.")
         if not attempted:
             return give_verdict(name, NOT_ATTEMPTED, "replace the `raise NotImplementedError` with your answer")
-        if not isinstance(answer, bool):
-            return give_verdict(name, FAILED, f"expected True or False, got {answer!r}")
+        answer = as_bool(got)
+        if answer is None:
+            return give_verdict(name, FAILED, f"expected True or False, got {got!r}")
         actual = _runs_within(cfg, batch, limit)
         if answer != actual:
             return give_verdict(

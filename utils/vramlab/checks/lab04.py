@@ -27,7 +27,18 @@ from .. import minilm
 from ..prune import module_bytes, prune_ffn_neurons
 from ..quantize import linears_and_embeddings, torchao_int8
 from ..units import MiB, format_bytes
-from . import FAILED, NOT_ATTEMPTED, PASSED, CheckResult, attempt, give_verdict, judge_bytes
+from . import (
+    FAILED,
+    MEASURED_HINT,
+    NOT_ATTEMPTED,
+    PASSED,
+    CheckResult,
+    Measured,
+    attempt,
+    give_verdict,
+    judge_bytes,
+    predict,
+)
 
 TARGET_BYTES = 20 * MiB
 MIN_COSINE = 0.98
@@ -70,7 +81,10 @@ def check_int8_prediction(int8_bytes: Callable[[nn.Module], int]) -> CheckResult
         "the encoder with 25 % of its FFN neurons removed": prune_ffn_neurons(fresh_model(), 0.25),
     }
     for setup, model in cases.items():
-        attempted, got = attempt(int8_bytes, copy.deepcopy(model))
+        try:
+            attempted, got = predict(int8_bytes, copy.deepcopy(model))
+        except Measured:
+            return give_verdict(name, FAILED, MEASURED_HINT + " Here: do not quantize the model to count its bytes.")
         if not attempted:
             return give_verdict(name, NOT_ATTEMPTED, "replace the `raise NotImplementedError` in int8_bytes")
         failed = judge_bytes(name, got, measured_int8_bytes(model), 0.0, setup, hint)
