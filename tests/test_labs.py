@@ -45,7 +45,7 @@ def test_wrong_answer_fails_with_a_hint():
 
     with pytest.raises(checks.CheckFailed, match="four bytes each") as info:
         checks.check_bytes("fp32 bytes", wrong, [((10,), {}, 40)], 0.0, "four bytes each")
-    assert "off by 50.0%" in str(info.value)
+    assert "off by 20 B (50.00%)" in str(info.value)
 
 
 def test_answer_tuned_to_one_case_fails():
