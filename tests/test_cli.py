@@ -93,3 +93,28 @@ def test_console_script_is_installed():
         [sys.executable, "-m", "vramlab.cli", "estimate", "gpt2", "--json"], capture_output=True, text=True, check=True
     ).stdout
     assert json.loads(out)["params"] == 124_439_808
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["estimate", "lama-2-7b"], "did you mean 'llama-2-7b'?"),
+        (["estimate", "gpt2", "--batch", str(10**20)], "needs more than 2**63 bytes"),
+        (["dryrun", "llama-2-7b", "--batch", str(10**10), "--seq", str(10**8)], "needs more than 2**63 bytes"),
+    ],
+)
+def test_typos_and_impossible_sizes_are_one_line(args, words, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and "\n" not in err and "Traceback" not in err
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    import vramlab.cli as C
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(C, "_run", interrupted)
+    assert main(["estimate", "gpt2"]) == 130
+    assert capsys.readouterr().err.strip() == "vramlab: interrupted"

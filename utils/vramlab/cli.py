@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"vramlab: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("vramlab: interrupted", file=sys.stderr)
+        return 130
     print(json.dumps(obj, indent=2) if args.json else _table(obj))
     return 0
 

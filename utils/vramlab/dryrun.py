@@ -27,7 +27,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from .measure import Measurement, measure
 from .models import ArchConfig, check_positions, get_arch
 from .recipes import Recipe, check_optimizer, check_positive, get_recipe
-from .results import result_json
+from .results import result_json, too_large
 from .setups import ATTENTIONS, Setup
 from .storages import storage_bytes
 from .tracker import TimelinePoint
@@ -208,12 +208,17 @@ def dryrun(
     with FakeTensorMode(allow_non_fake_inputs=False) if _fake else contextlib.nullcontext():
         net = build_hf_model(arch, rec.param_dtype, setup.attention)
         params = sum(p.numel() for p in net.parameters())
-        ids = torch.randint(0, arch.vocab_size, (setup.batch, setup.seq))
         cache = 0
-        if setup.inference:
-            result, cache = _prefill(net, ids, rec, timeline)
-        else:
-            result = _train_step(net, ids, rec, setup.optimizer, setup.checkpointing, timeline)
+        try:
+            ids = torch.randint(0, arch.vocab_size, (setup.batch, setup.seq))
+            if setup.inference:
+                result, cache = _prefill(net, ids, rec, timeline)
+            else:
+                result = _train_step(net, ids, rec, setup.optimizer, setup.checkpointing, timeline)
+        except RuntimeError as err:
+            if "overflow" not in str(err):
+                raise
+            raise too_large(f"{arch.name} with {setup.describe()}") from None
     result.setup = setup
     return DryRunResult(arch, params, result, setup, cache)
 

@@ -8,6 +8,7 @@ them to formulas (:mod:`vramlab.estimate`).
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -128,8 +129,10 @@ def get_arch(name_or_config: str | ArchConfig) -> ArchConfig:
     key = str(name_or_config).strip().lower()
     if key in REGISTRY:
         return REGISTRY[key]
+    close = difflib.get_close_matches(key, list(REGISTRY), n=1)
+    guess = f"did you mean {close[0]!r}? " if close else ""
     raise KeyError(
-        f"unknown model {name_or_config!r}; known models: {', '.join(REGISTRY)} "
+        f"unknown model {name_or_config!r}; {guess}known models: {', '.join(REGISTRY)} "
         "(or pass a config.json with --config / from_hf_config)"
     )
 

@@ -9,6 +9,17 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+MAX_BYTES = 2**63 - 1
+"""No tensor, and no device, holds more bytes than a signed 64-bit size can say (8 EiB)."""
+
+
+def too_large(what: str) -> ValueError:
+    """The error for a set-up whose tensors could not exist (sizes past 2**63 bytes)."""
+    return ValueError(
+        f"{what} needs more than 2**63 bytes (8 EiB): no tensor that large can exist. Use a smaller batch or seq."
+    )
+
+
 ROLES: tuple[str, ...] = ("parameters", "gradients", "optimizer", "activations", "other")
 SOURCES = ("cuda", "cpu-tracked", "dry-run", "formula")
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..models import ArchConfig, check_positions, get_arch
 from ..recipes import Recipe, check_positive, get_recipe
-from ..results import result_json
+from ..results import MAX_BYTES, result_json, too_large
 from ..setups import Setup
 from ..units import format_bytes
 from .activations import activation_bytes, checkpoint_input_bytes, head_terms, layer_terms, rotary_bytes
@@ -90,6 +90,8 @@ def estimate(model: str | ArchConfig, setup: Setup | None = None, **changes: Any
         arch, batch, seq, rec, setup.optimizer, setup.checkpointing, setup.attention
     )
     name = max(moments, key=lambda k: sum(moments[k].values()))
+    if sum(moments[name].values()) > MAX_BYTES:
+        raise too_large(f"{arch.name} with {setup.describe()}")
     kv = kv_cache_bytes(arch, batch, seq, rec.name) if setup.inference else 0
     return Estimate(
         model=arch.name,
