@@ -135,3 +135,13 @@ def test_other_threads_are_not_seen_as_the_docstring_says():
         worker.join()
     assert made["x"].nbytes == 4 * 10**6 and m.peak_bytes == 0
     assert "thread-local" in budget.__doc__ and "not refused" in budget.__doc__
+
+
+def test_headline_drops_only_the_budgets_advice():
+    from vramlab.oom import format_oom_message, headline
+
+    message = format_oom_message(tried=MiB, capacity=2 * MiB, in_use=2 * MiB)
+    assert headline(message).endswith("(the CPU tracker has no cache, so there is no fragmentation)")
+    assert "Free tensors" not in headline(message) and headline(message) in message
+    cuda = "CUDA out of memory. Tried to allocate 2.00 MiB. GPU 0 has a total capacity of 14.74 GiB"
+    assert headline(cuda) == cuda  # a message from elsewhere comes back whole

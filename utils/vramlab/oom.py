@@ -40,6 +40,12 @@ def format_oom_message(tried: int, capacity: int, in_use: int, where: str = BUDG
     )
 
 
+def headline(message: str | BaseException) -> str:
+    """An out-of-memory message without the advice :func:`vramlab.budget` appends: the fields
+    only, for a one-line report. Messages from elsewhere come back whole."""
+    return str(message).split(". " + NEXT_STEPS)[0]
+
+
 def parse_oom_message(message: str) -> dict[str, int]:
     """The byte fields of an out-of-memory message (missing fields are left out)."""
     if not isinstance(message, str):

@@ -23,7 +23,7 @@ from .budget import budget
 from .distributed import CommCounter, Rank
 from .gpt import GPTConfig, TinyGPT, pattern_batch
 from .measure import measure
-from .oom import NEXT_STEPS
+from .oom import headline
 from .storages import real_storages, storage_bytes
 from .timing import now
 
@@ -123,7 +123,7 @@ def train(
                 opt.step()
                 losses.append(float(loss.detach()))
     except torch.OutOfMemoryError as err:  # also raised before the block when what is alive does not fit
-        error = str(err).split(". " + NEXT_STEPS)[0]
+        error = headline(err)
     m = guard.result
     assert m is not None
     seconds = (now(rank.device) - start) / steps

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ..budget import budget
 from ..gpt import GPTConfig, TinyGPT, random_batch
 from ..measure import measure
+from ..oom import headline
 from ..units import MiB, format_bytes
 from . import FAILED, NOT_ATTEMPTED, PASSED, CheckResult, give_verdict
 
@@ -113,7 +114,7 @@ def check_train(train: Callable) -> CheckResult:
             name,
             FAILED,
             f"it ran out of memory {where} of {ITERATIONS} within {format_bytes(LIMIT)}.{growth} "
-            f"{error.split('. Free tensors')[0]}. Hint: if it fails at once, one step of {BATCH} sequences is "
+            f"{headline(error)}. Hint: if it fails at once, one step of {BATCH} sequences is "
             "too big (accumulate gradients over micro-batches); "
             "if it fails later, something is kept across iterations.",
         )

@@ -23,7 +23,7 @@ import torch
 from ..budget import budget
 from ..gpt import GPTConfig, TinyGPT, pattern_batch
 from ..measure import measure
-from ..oom import NEXT_STEPS
+from ..oom import headline
 from ..search import largest_batch
 from ..units import MiB, format_bytes
 from . import FAILED, NOT_ATTEMPTED, PASSED, CheckResult, give_verdict
@@ -95,7 +95,7 @@ def check_fit(configure: Callable, step: Callable) -> CheckResult:
             name,
             FAILED,
             f"out of memory at step {len(losses) + 1} of {STEPS}: "
-            f"{error.split('. ' + NEXT_STEPS)[0]}. "
+            f"{headline(error)}. "
             "Hint: combine checkpointing, micro-batches and a lighter optimizer step.",
         )
     if not losses[-1] < losses[0]:
