@@ -83,6 +83,7 @@ def _entry(
     dist.init_process_group(backend, store=store, rank=index, world_size=world_size, timeout=timeout)
     try:
         result = fn(Rank(index, world_size, device, backend), *args)
+        dist.barrier()  # no rank tears the group down while a peer is still in a collective
         torch.save(result, Path(outdir) / f"rank{index}.pt")
     except BaseException as err:  # record when and why, so the parent can name the first failure
         (Path(outdir) / f"rank{index}.err").write_text(f"{time.time()!r}\n{type(err).__name__}: {err}")
