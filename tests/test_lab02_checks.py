@@ -1,5 +1,7 @@
 """Lab 2's check: the shipped solution passes, the stub is 'not attempted', wrong fixes fail."""
 
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -17,18 +19,26 @@ def train_from(nb):
     return defined_in(nb, "def train(", "lab02", "import torch\nimport torch.nn.functional as F")["train"]
 
 
-def make_loop(micro=4, divide=True, keep="float", use=1.0):
+def make_loop(micro=4, divide=True, keep="float", use=1.0, step_every_chunk=False, step=True):
     def train(model, opt, batches):
         history = []
         for ids in batches:
             opt.zero_grad(set_to_none=True)
             ids = ids[: int(len(ids) * use)]
+            total = 0.0
             for chunk in ids.chunk(micro):
                 logits = model(chunk[:, :-1])
                 loss = F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten()) / (micro if divide else 1)
                 loss.backward()
-                history.append({"float": loss.item(), "tensor": loss, "logits": logits}[keep])
-            opt.step()
+                if step_every_chunk:
+                    opt.step()
+                if keep != "float":
+                    history.append({"tensor": loss, "logits": logits}[keep])
+                total += loss.item()
+            if step and not step_every_chunk:
+                opt.step()
+            if keep == "float":
+                history.append(total)
         return history
 
     return train
@@ -84,3 +94,81 @@ def test_nan_gradients_fail():
 
     with pytest.raises(CheckFailed, match="differ from the full-batch gradients"):
         lab02.check_train(nan_grads)
+
+
+@pytest.mark.parametrize(
+    "exploit, words",
+    [
+        (make_loop(step=False), "no optimizer step"),  # never steps: memory is even lower
+        (make_loop(step_every_chunk=True), "80 optimizer steps"),  # steps after every micro-batch
+    ],
+)
+def test_loops_that_do_not_train_fail(exploit, words):
+    with pytest.raises(CheckFailed, match=words):
+        lab02.check_train(exploit)
+
+
+def _with_history(history_of):
+    loop = make_loop()
+
+    def train(model, opt, batches):
+        real = loop(model, opt, batches)
+        return history_of(real)
+
+    return train
+
+
+def test_a_made_up_falling_history_fails():
+    with pytest.raises(CheckFailed, match="recomputed by the check"):
+        lab02.check_train(_with_history(lambda real: [10.0 - i * 0.35 for i in range(len(real))]))
+
+
+@pytest.fixture(scope="module")
+def correct_run():
+    return lab02._run(make_loop())
+
+
+@pytest.mark.parametrize(
+    "history_of, words",
+    [
+        (lambda real: [float("nan")] * len(real), "list of 20 Python numbers"),
+        (lambda real: real[:5], "list of 20 Python numbers"),
+        (lambda real: None, "got NoneType"),
+        (lambda real: [x / 4 for x in real], "recomputed by the check"),  # one micro-batch's share
+    ],
+)
+def test_histories_that_are_not_the_losses_fail(correct_run, history_of, words):
+    assert lab02._training_problem(correct_run) == ""
+    run = dataclasses.replace(correct_run, history=history_of(correct_run.history))
+    assert re.search(words, lab02._training_problem(run))
+
+
+@pytest.mark.parametrize("kind", ["numpy", "tensor"])
+def test_a_history_of_numpy_or_tensor_numbers_passes(correct_run, kind):
+    import numpy as np
+    import torch
+
+    convert = np.float32 if kind == "numpy" else torch.tensor
+    run = dataclasses.replace(correct_run, history=[convert(x) for x in correct_run.history])
+    assert lab02._training_problem(run) == ""
+
+
+def test_faking_the_step_counter_does_not_pass():
+    def fake_steps(model, opt, batches):
+        history = make_loop(step=False)(model, opt, batches)
+        import torch
+
+        for p in model.parameters():
+            opt.state[p]["step"] = torch.tensor(20.0)
+        return history
+
+    with pytest.raises(CheckFailed, match="away from a correct loop"):
+        lab02.check_train(fake_steps)
+
+
+def test_survivors_measure_the_leak():
+    rows = lab02.survivors(lab02.train_original, iterations=4)
+    op, phase, nbytes, count = rows[0]
+    cfg = lab02.CONFIG
+    assert (nbytes, count, phase) == (lab02.BATCH * (cfg.seq_len - 1) * cfg.vocab_size * 4, 4, "forward")
+    assert lab02.survivors(make_loop(), iterations=4) == []

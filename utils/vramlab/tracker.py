@@ -334,6 +334,10 @@ class StorageTracker(TorchDispatchMode):
             result[record.resolved_role] += record.nbytes
         return result
 
+    def live_records(self) -> list[Record]:
+        """The storages alive now, one :class:`Record` each (a copy: safe to keep)."""
+        return list(self._live.values())
+
     def peak_breakdown(self) -> dict[str, int]:
         """Bytes by role of the storages that were alive at the peak."""
         return self.breakdown(self.peak_records)

@@ -2,15 +2,20 @@
 
 The learner's ``train(model, opt, batches) -> list[float]`` must (1) run 20 iterations
 inside the lab's budget, (2) hold the same memory after iteration 20 as after iteration 2,
-and (3) produce the gradients of the original full-batch loop (same effective batch).
-Memory "after iteration i" is read when the loop asks for batch i + 1, so the learner's
-code needs no instrumentation.
+(3) produce the gradients of the original full-batch loop (same effective batch), and
+(4) train as the original does: one AdamW step per batch (the check counts them in the
+optimizer's state), weights after 20 steps equal to a correct loop's, and a history of each
+iteration's loss, which the check recomputes. Memory "after iteration i" is read when the
+loop asks for batch i + 1, so the learner's code needs no instrumentation.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,13 +25,15 @@ from ..gpt import GPTConfig, TinyGPT, random_batch
 from ..measure import measure
 from ..oom import headline
 from ..units import MiB, format_bytes
-from . import FAILED, NOT_ATTEMPTED, PASSED, CheckResult, give_verdict
+from . import FAILED, NOT_ATTEMPTED, PASSED, CheckResult, as_number, give_verdict
 
 CONFIG = GPTConfig(vocab_size=512, seq_len=65, hidden=64, layers=2, heads=2)
 BATCH = 32
 ITERATIONS = 20
 LIMIT = 24 * MiB
 GRAD_RTOL = 1e-4
+LOSS_RTOL = 1e-3  # a history entry vs the loss the check recomputes
+WEIGHT_RTOL = 1e-2  # weights after 20 steps vs a correct loop's, relative to how far training moved them
 
 
 def make_setup(seed: int = 0) -> tuple[TinyGPT, torch.optim.Optimizer, list[torch.Tensor]]:
@@ -47,7 +54,7 @@ def train_original(model: TinyGPT, opt: torch.optim.Optimizer, batches) -> list:
         loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
         loss.backward()
         opt.step()
-        history.append((loss, logits))  # kept for a report at the end
+        history.append((loss, logits))
     return history
 
 
@@ -82,27 +89,108 @@ def _grads_of(train: Callable, seed: int = 0) -> list[torch.Tensor | None]:
     return [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
 
 
-def run_under_budget(train: Callable, seed: int = 0) -> tuple[list[int], str]:
-    """Live bytes after each iteration, and the OOM message if the loop ran out."""
+@dataclass
+class _Run:
+    """One run of a learner's loop under the budget."""
+
+    after: list[int] = field(default_factory=list)  # live bytes after each iteration
+    error: str = ""  # the OOM message, if it ran out
+    model: TinyGPT | None = None
+    opt: torch.optim.Optimizer | None = None
+    history: Any = None
+
+
+def _run(train: Callable, seed: int = 0) -> _Run:
     model, opt, batches = make_setup(seed)
+    run = _Run(model=model, opt=opt)
     gc.collect()
     with measure(model, opt, batches) as watch:
         recorder = _Recorder(batches, watch.current_bytes)
         try:
             with budget(LIMIT, model, opt, batches):
-                train(model, opt, recorder)
+                run.history = train(model, opt, recorder)
         except torch.OutOfMemoryError as err:
-            return recorder.after, str(err)
-    return recorder.after, ""
+            run.error = str(err)
+    run.after = recorder.after
+    return run
+
+
+def run_under_budget(train: Callable, seed: int = 0) -> tuple[list[int], str]:
+    """Live bytes after each iteration, and the OOM message if the loop ran out."""
+    run = _run(train, seed)
+    return run.after, run.error
+
+
+@functools.cache
+def _reference(seed: int = 0) -> tuple[tuple[float, ...], tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """A correct loop without a budget: (loss of each iteration, initial weights, final weights)."""
+    model, opt, batches = make_setup(seed)
+    start = tuple(p.detach().clone() for p in model.parameters())
+    losses = []
+    for ids in batches:
+        opt.zero_grad(set_to_none=True)
+        loss = model.loss(ids)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return tuple(losses), start, tuple(p.detach().clone() for p in model.parameters())
+
+
+def _steps_taken(opt: torch.optim.Optimizer) -> set[int]:
+    """The optimizer steps each parameter has had, from AdamW's own step counters."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    return {int(opt.state[p]["step"]) if "step" in opt.state.get(p, {}) else 0 for p in params}
+
+
+def _training_problem(run: _Run, seed: int = 0) -> str:
+    """Why the run did not train as the original loop does, or "" if it did."""
+    steps = _steps_taken(run.opt)
+    if steps != {ITERATIONS}:
+        taken = "no optimizer step" if steps == {0} else f"{' or '.join(map(str, sorted(steps)))} optimizer steps"
+        return (
+            f"your loop made {taken} per parameter; one `opt.step()` per batch of {BATCH} makes {ITERATIONS}. "
+            "Hint: step once after all the micro-batches of a batch, not after each one."
+        )
+    losses, start, final = _reference(seed)
+    params = list(run.model.parameters())
+    moved = [((p.detach() - w).norm() / (w - w0).norm()).item() for p, w, w0 in zip(params, final, start)]
+    if not all(m <= WEIGHT_RTOL for m in moved):
+        return (
+            f"after {ITERATIONS} steps your weights are {max(moved):.1%} (of the distance training moves them) away "
+            "from a correct loop's. Hint: the optimizer must see each batch's full-batch gradient, once per batch."
+        )
+    history = list(run.history) if isinstance(run.history, (list, tuple)) else None
+    numbers = None if history is None else [as_number(h) for h in history]
+    if numbers is None or len(numbers) != ITERATIONS or any(n is None for n in numbers):
+        return (
+            f"return the history as a list of {ITERATIONS} Python numbers, each iteration's loss "
+            f"(e.g. the sum of loss.item() over its micro-batches); got {_describe(run.history)}."
+        )
+    off = [abs(n - want) / want for n, want in zip(numbers, losses)]
+    if not all(o <= LOSS_RTOL for o in off):
+        i = max(range(ITERATIONS), key=off.__getitem__)
+        return (
+            f"history entry {i + 1} is {numbers[i]:.4f} but that iteration's loss, recomputed by the check, is "
+            f"{losses[i]:.4f}. Hint: record the mean loss over the whole batch of {BATCH}."
+        )
+    return ""
+
+
+def _describe(history: Any) -> str:
+    if not isinstance(history, (list, tuple)):
+        return type(history).__name__
+    kinds = sorted({type(h).__name__ for h in history})
+    return f"{len(history)} entries of type {', '.join(kinds) or 'nothing'}"
 
 
 def check_train(train: Callable) -> CheckResult:
-    """The three requirements of Lab 2, in order."""
+    """The four requirements of Lab 2, in order."""
     name = "fixed training loop"
     try:
-        after, error = run_under_budget(train)
+        run = _run(train)
     except NotImplementedError:
         return give_verdict(name, NOT_ATTEMPTED, "replace the `raise NotImplementedError` with your loop")
+    after, error = run.after, run.error
     if error:
         where = f"at iteration {len(after) + 1}"
         growth = (
@@ -148,12 +236,40 @@ def check_train(train: Callable) -> CheckResult:
             "Hint: with k micro-batches, each micro-batch loss must be divided by k, and every sequence of the "
             "batch must be used (the effective batch stays 32).",
         )
+    problem = _training_problem(run)
+    if problem:
+        return give_verdict(name, FAILED, problem)
     return give_verdict(
         name,
         PASSED,
-        f"{ITERATIONS} iterations within {format_bytes(LIMIT)}, flat memory, and full-batch gradients "
-        f"(within {GRAD_RTOL:.0e})",
+        f"{ITERATIONS} iterations within {format_bytes(LIMIT)}, flat memory, full-batch gradients "
+        f"(within {GRAD_RTOL:.0e}), {ITERATIONS} AdamW steps to the weights of a correct loop, and the losses "
+        "the check recomputed",
     )
+
+
+def survivors(train: Callable, iterations: int = 4, seed: int = 0) -> list[tuple[str, str, int, int]]:
+    """What a loop leaves alive besides the model, its gradients and the optimizer state.
+
+    Runs ``iterations`` iterations without a budget, keeps what ``train`` returns, and groups
+    the storages created during the run that are still alive by (op that made it, phase, bytes):
+    rows of ``(op, phase, bytes each, count)``, largest total first. A row whose count grows
+    with the iterations is a leak; its size says which tensor it is.
+    """
+    model, opt, batches = make_setup(seed)
+    gc.collect()
+    watch = measure(model, opt, batches)
+    with watch:
+        kept = train(model, opt, batches[:iterations])
+    groups: dict[tuple[str, str, int], int] = {}
+    for record in watch.tracker.live_records():
+        if record.phase == "before" or record.role in ("parameters", "gradients", "optimizer"):
+            continue
+        key = (record.op, record.phase, record.nbytes)
+        groups[key] = groups.get(key, 0) + 1
+    del kept
+    rows = [(op, phase, nbytes, count) for (op, phase, nbytes), count in groups.items()]
+    return sorted(rows, key=lambda r: -r[2] * r[3])
 
 
 def profile(train: Callable, iterations: int = 5, seed: int = 0) -> tuple[list[int], int]:
