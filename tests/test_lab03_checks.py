@@ -75,3 +75,82 @@ def test_wrong_recipes_fail_the_fit(configure, step, words):
 def test_one_technique_alone_misses_the_4x_target(configure, step):
     with pytest.raises(CheckFailed, match="activations dominate"):
         lab03.check_scaling(configure, step)
+
+
+def fake_step(model, opt, ids):
+    """Never updates anything; returns a loss that falls by itself."""
+    fake_step.calls = getattr(fake_step, "calls", 0) + 1
+    return 10.0 - fake_step.calls
+
+
+def step_per_micro_batch(model, opt, ids):
+    opt.zero_grad(set_to_none=True)
+    for chunk in ids.chunk(4):
+        (model.loss(chunk) / 4).backward()
+        opt.step()
+    return 0.0
+
+
+def frozen_optimizer(model):
+    model.set_checkpointing(every=1)
+    return torch.optim.AdamW(model.parameters(), lr=0.0, fused=True)
+
+
+def weights_as_buffers(model):
+    """Takes the MLP weights out of the registered parameters, so nothing counts them as weights."""
+    for block in model.blocks:
+        for module in block.modules():
+            if isinstance(module, torch.nn.Linear) and module.out_features > module.in_features:
+                weight = module._parameters.pop("weight")
+                module.register_buffer("weight", weight.detach())
+    return checkpointed(model)
+
+
+class NumpyMomentumSGD(torch.optim.SGD):
+    """Momentum kept in NumPy arrays: invisible to a tracker of torch storages."""
+
+    def __init__(self, params):
+        super().__init__(params, lr=0.1)
+        self.host = [p.detach().numpy().copy() for group in self.param_groups for p in group["params"]]
+
+
+def numpy_state(model):
+    model.set_checkpointing(every=1)
+    return NumpyMomentumSGD(model.parameters())
+
+
+@pytest.mark.parametrize(
+    "configure, step, words",
+    [
+        (checkpointed, fake_step, "made 0 optimizer step"),
+        (checkpointed, step_per_micro_batch, "made 32 optimizer step"),
+        (frozen_optimizer, micro_step(), "holds back did not go down"),
+        (weights_as_buffers, micro_step(), "registered parameters after configure"),
+        (numpy_state, micro_step(), "NumPy arrays hang off"),
+        (lambda model: None, micro_step(), "must return a torch.optim optimizer"),
+    ],
+    ids=["fake step", "step per micro-batch", "lr 0", "weights as buffers", "numpy state", "no optimizer"],
+)
+def test_recipes_that_do_not_train_fail_the_fit(configure, step, words):
+    with pytest.raises(CheckFailed, match=words):
+        lab03.check_fit(configure, step)
+
+
+def test_a_fake_step_does_not_count_toward_scaling():
+    with pytest.raises(CheckFailed, match="made 0 optimizer step"):
+        lab03.check_scaling(checkpointed, fake_step)
+
+
+def test_mixed_precision_is_allowed():
+    def bf16_step(model, opt, ids):
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for chunk in ids.chunk(4):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model.loss(chunk) / 4
+            loss.backward()
+            total += loss.item()
+        opt.step()
+        return total
+
+    assert lab03.check_fit(checkpointed, bf16_step).passed
