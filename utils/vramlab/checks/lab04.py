@@ -10,8 +10,12 @@ The learner writes ``int8_bytes(model) -> int`` (a prediction of MiniLM's bytes 
 - ``check_quality``: its sentence embeddings of the *held-out* sentences have a mean cosine
   similarity of at least ``MIN_COSINE`` to the fp32 model's.
 
-Both numbers are measured on the model ``shrink`` returns: its storages (tensor subclasses
-flattened, bitsandbytes' constants and pruning masks included) and its own forward pass.
+Both numbers are measured on the model ``shrink`` returns. Its bytes are everything
+reachable from it (:func:`vramlab.reach.reachable`: parameters and buffers with tensor
+subclasses flattened, bitsandbytes' constants, pruning masks, tensors in plain attributes and
+closures, NumPy arrays, ``torch.ao`` packed weights); a forward pass that reads tensors the
+model does not hold (a global fp32 encoder, say) fails the size check. The held-out sentences
+are read only here, not through :func:`vramlab.minilm.sentences`.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from torch import nn
 from .. import minilm
 from ..prune import module_bytes, prune_ffn_neurons
 from ..quantize import linears_and_embeddings, torchao_int8
-from ..units import MiB, format_bytes
+from ..reach import UnmeasurableObject, reachable, read_by
+from ..units import KiB, MiB, format_bytes
 from . import (
     FAILED,
     MEASURED_HINT,
@@ -42,6 +47,7 @@ from . import (
 
 TARGET_BYTES = 20 * MiB
 MIN_COSINE = 0.98
+HIDDEN_READS = 64 * KiB  # what a forward may read beyond the model (none expected; a margin for constants)
 
 
 @functools.lru_cache(maxsize=1)
@@ -59,9 +65,13 @@ def tokenizer():  # noqa: ANN201 - a transformers tokenizer
     return _loaded().tokenizer
 
 
+def _heldout() -> list[str]:
+    return minilm._read_sentences("heldout")
+
+
 @functools.lru_cache(maxsize=1)
 def _reference() -> torch.Tensor:
-    return minilm.embed(_loaded().model, tokenizer(), minilm.sentences("heldout"))
+    return minilm.embed(_loaded().model, tokenizer(), _heldout())
 
 
 def measured_int8_bytes(model: nn.Module) -> int:
@@ -104,13 +114,33 @@ def _shrunk(shrink: Callable[[nn.Module], nn.Module], name: str) -> tuple[nn.Mod
     return model, None
 
 
+def measured_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes the model holds, bytes its forward reads that it does not hold), measured."""
+    held = reachable(model)
+    hidden = read_by(lambda: minilm.embed(model, tokenizer(), minilm.sentences("tune")[:4])).minus(held)
+    return held.nbytes, hidden.nbytes
+
+
 def check_size(shrink: Callable[[nn.Module], nn.Module]) -> CheckResult:
     """The model ``shrink`` returns measures at most ``TARGET_BYTES``."""
     name = f"measured size at most {format_bytes(TARGET_BYTES)}"
     model, verdict = _shrunk(shrink, name)
     if verdict:
         return verdict
-    got = module_bytes(model)
+    try:
+        got, hidden = measured_bytes(model)
+    except UnmeasurableObject as err:
+        return give_verdict(name, FAILED, f"{err}; return a model whose memory the check can count")
+    except Exception as err:  # a model that cannot embed sentences fails with its own message
+        return give_verdict(name, FAILED, f"embedding sentences with your model raised {type(err).__name__}: {err}")
+    if hidden > HIDDEN_READS:
+        return give_verdict(
+            name,
+            FAILED,
+            f"your model's forward pass reads {format_bytes(hidden)} of tensors that the returned model does not "
+            "hold (a global, or an object outside it): those weights are memory too. Return one module that "
+            "holds everything it computes with.",
+        )
     text = f"measured {format_bytes(got)} ({got:,} B) against {format_bytes(TARGET_BYTES)}"
     if got > TARGET_BYTES:
         return give_verdict(
@@ -121,7 +151,7 @@ def check_size(shrink: Callable[[nn.Module], nn.Module]) -> CheckResult:
 
 def held_out_cosine(model: nn.Module) -> float:
     """Mean cosine similarity of ``model``'s held-out sentence embeddings to the fp32 model's."""
-    return minilm.mean_cosine(minilm.embed(model, tokenizer(), minilm.sentences("heldout")), _reference())
+    return minilm.mean_cosine(minilm.embed(model, tokenizer(), _heldout()), _reference())
 
 
 def check_quality(shrink: Callable[[nn.Module], nn.Module]) -> CheckResult:
@@ -136,7 +166,7 @@ def check_quality(shrink: Callable[[nn.Module], nn.Module]) -> CheckResult:
         return give_verdict(name, FAILED, f"{err} Hint: run your model on a few sentences before returning it")
     except Exception as err:  # a model that cannot embed sentences fails with its own message
         return give_verdict(name, FAILED, f"embedding the held-out sentences raised {type(err).__name__}: {err}")
-    text = f"mean cosine {cos:.4f} on {len(minilm.sentences('heldout'))} held-out sentences"
+    text = f"mean cosine {cos:.4f} on {len(_heldout())} held-out sentences"
     if not cos >= MIN_COSINE:
         return give_verdict(
             name,
@@ -156,6 +186,7 @@ __all__ = [
     "check_size",
     "fresh_model",
     "held_out_cosine",
+    "measured_bytes",
     "measured_int8_bytes",
     "tokenizer",
 ]
