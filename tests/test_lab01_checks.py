@@ -140,6 +140,27 @@ def test_a_prediction_that_measures_is_refused(check):
         getattr(lab01, check)(MEASURING[check])
 
 
+def _in_a_thread(fn):
+    """Runs the measurement in another thread, where a thread-local budget does not look."""
+
+    def prediction(*args, **kwargs):
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(fn, *args, **kwargs).result()
+
+    return prediction
+
+
+@pytest.mark.parametrize("check", ["check_param_bytes", "check_fits"])
+def test_a_prediction_that_measures_in_another_thread_is_refused(check):
+    with pytest.raises(CheckFailed, match="or started a thread or process"):
+        getattr(lab01, check)(_in_a_thread(MEASURING[check]))
+    import threading
+
+    assert threading.Thread.start.__name__ == "start"  # restored afterwards
+
+
 def test_numpy_answers_count_and_fractional_bytes_are_shown(right):
     import numpy as np
 

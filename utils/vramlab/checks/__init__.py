@@ -9,9 +9,13 @@ notebook with a wrong answer fails under nbval).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import multiprocessing.process
 import numbers
-from collections.abc import Callable
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,18 +63,39 @@ class Measured(Exception):
 
 def predict(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[bool, Any]:
     """Call the learner's prediction ``fn`` like :func:`attempt`, under a CPU budget of
-    :data:`PREDICTION_BUDGET` bytes; raise :class:`Measured` if it allocates more."""
+    :data:`PREDICTION_BUDGET` bytes; raise :class:`Measured` if it allocates more, or if it
+    starts a thread or a process (the budget sees only the thread it runs in)."""
     from ..budget import budget
 
     try:
-        with budget(PREDICTION_BUDGET, device="cpu"):
+        with _no_new_threads_or_processes(), budget(PREDICTION_BUDGET, device="cpu"):
             return attempt(fn, *args, **kwargs)
     except torch.OutOfMemoryError:
         raise Measured() from None
 
 
+@contextlib.contextmanager
+def _no_new_threads_or_processes() -> Iterator[None]:
+    """Make ``Thread.start``, ``Process.start`` and ``Popen`` raise :class:`Measured` inside."""
+
+    def refuse(*_: Any, **__: Any) -> None:
+        raise Measured()
+
+    targets = [(threading.Thread, "start"), (multiprocessing.process.BaseProcess, "start")]
+    targets.append((subprocess.Popen, "__init__"))
+    saved = [(owner, name, owner.__dict__[name]) for owner, name in targets]
+    try:
+        for owner, name, _ in saved:
+            setattr(owner, name, refuse)
+        yield
+    finally:
+        for owner, name, original in saved:
+            setattr(owner, name, original)
+
+
 MEASURED_HINT = (
-    "your prediction allocated tensors: it built, ran or measured a model. Predict from the "
+    "your prediction allocated tensors (or started a thread or process, where the check cannot see "
+    "what it allocates): it built, ran or measured a model. Predict from the "
     "configuration alone (arithmetic on its sizes); the check does the measuring."
 )
 
