@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+import lab05_learners
 from notebook_code import defined_in
 from vramlab.checks import CheckFailed, lab05
 from vramlab.labs import make_lab
@@ -13,30 +14,57 @@ from vramlab.notebooks import load
 SOLUTION = Path(__file__).resolve().parent.parent / "solutions" / "lab05_shard_it.ipynb"
 
 
-def learner_plan(nb):
-    return defined_in(nb, "def plan(", "lab05", "from vramlab.checks import lab05")["plan"]
+def learner(nb):
+    scope = defined_in(nb, "def predict_state_bytes(", "lab05", "from vramlab.checks import lab05")
+    scope.update(defined_in(nb, "def shard(", "lab05", "from vramlab.checks import lab05"))
+    return scope["shard"], scope["predict_state_bytes"]
+
+
+def right_prediction(params, world):
+    return 16 * params // world
 
 
 def test_solution_passes():
-    assert lab05.check_sharding(learner_plan(load(SOLUTION))).passed
+    shard, predict_state_bytes = learner(load(SOLUTION))
+    assert lab05.check_sharding(shard, predict_state_bytes).passed
 
 
 def test_stub_is_not_attempted():
-    assert lab05.check_sharding(learner_plan(make_lab(load(SOLUTION)))).status == "not attempted yet"
+    shard, predict_state_bytes = learner(make_lab(load(SOLUTION)))
+    assert lab05.check_sharding(shard, predict_state_bytes).status == "not attempted yet"
+    solution_shard, _ = learner(load(SOLUTION))
+    assert lab05.check_sharding(shard, right_prediction).status == "not attempted yet"  # shard still a stub
 
 
 @pytest.mark.parametrize(
-    "plan, words",
+    "shard, words",
     [
-        ({"strategy": "ddp", "batch_per_rank": 2, "checkpointing": True}, "ran out of memory"),
-        ({"strategy": "zero1", "batch_per_rank": 2, "checkpointing": True}, "ran out of memory"),
-        ({"strategy": "fsdp", "batch_per_rank": 1, "checkpointing": False}, "differ from one process"),
-        ({"strategy": "fsdp", "batch_per_rank": 2}, "exactly the keys"),
-        ({"strategy": "zero3", "batch_per_rank": 2, "checkpointing": False}, "unknown strategy"),
-        ({"strategy": "fsdp", "batch_per_rank": 0, "checkpointing": False}, "positive int"),
-        ("fsdp", "must return a dict"),
+        (lab05_learners.ddp, "rank 0 failed: .*out of memory"),
+        (lab05_learners.zero1, "rank 0 failed: .*out of memory"),
+        (lab05_learners.no_sync, "differ from one process"),
+        (lab05_learners.full_copy_on_the_side, "out of memory"),
+        (lab05_learners.returns_nothing, "must return \\(model, optimizer\\)"),
     ],
 )
-def test_wrong_plans_fail(plan, words):
+def test_wrong_sharding_fails(shard, words):
     with pytest.raises(CheckFailed, match=words):
-        lab05.check_sharding(lambda: plan)
+        lab05.check_sharding(shard, right_prediction)
+
+
+def test_predictions_are_judged_on_two_models():
+    solution_shard, _ = learner(load(SOLUTION))
+    with pytest.raises(CheckFailed, match="the lab's model"):
+        lab05.check_sharding(solution_shard, lambda params, world: 16 * params)  # forgot to shard
+    lab_answer = right_prediction(lab05.params(), lab05.WORLD)
+    with pytest.raises(CheckFailed, match="a second model"):
+        lab05.check_sharding(solution_shard, lambda params, world: lab_answer)  # a number read off a run
+
+
+def test_a_prediction_that_runs_the_ranks_is_refused():
+    solution_shard, _ = learner(load(SOLUTION))
+
+    def measuring(params, world):
+        return lab05.state_bytes(lab05.run(solution_shard)[0])
+
+    with pytest.raises(CheckFailed, match="started a thread or process"):
+        lab05.check_sharding(solution_shard, measuring)

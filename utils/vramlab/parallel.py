@@ -71,6 +71,40 @@ def wrap(model: LossModel, strategy: str, lr: float) -> tuple[nn.Module, torch.o
     return model, torch.optim.AdamW(model.parameters(), lr=lr, foreach=True)
 
 
+def learner_function(source: str, name: str) -> Callable[..., Any]:
+    """The function ``name`` defined by ``source`` (a notebook cell's function, sent to the
+    ranks as text because spawned processes cannot import a notebook). Its globals hold
+    torch, nn, dist, fully_shard, DistributedDataParallel and ZeroRedundancyOptimizer."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+
+    namespace: dict[str, Any] = {
+        "torch": torch,
+        "nn": nn,
+        "dist": dist,
+        "fully_shard": fully_shard,
+        "DistributedDataParallel": DistributedDataParallel,
+        "ZeroRedundancyOptimizer": ZeroRedundancyOptimizer,
+    }
+    exec(compile(source, f"<learner's {name}>", "exec"), namespace)  # noqa: S102 - the learner's own code
+    if not callable(namespace.get(name)):
+        raise ValueError(f"the code sent to the ranks does not define a function {name!r}")
+    return namespace[name]
+
+
+def _learner_wrap(shard: Callable[..., Any], model: LossModel) -> tuple[nn.Module, torch.optim.Optimizer]:
+    result = shard(model)
+    if (
+        not isinstance(result, tuple)
+        or len(result) != 2
+        or not isinstance(result[0], nn.Module)
+        or not isinstance(result[1], torch.optim.Optimizer)
+    ):
+        raise TypeError("shard(model) must return (model, optimizer): the module to train and a torch.optim optimizer")
+    return result
+
+
 def rank_batches(cfg: GPTConfig, batch: int, steps: int, rank: int, world: int) -> list[torch.Tensor]:
     """This rank's slice of each step's global batch of ``batch * world`` sequences (the
     same global batches for every world size, so runs are comparable)."""
@@ -87,8 +121,13 @@ def train(
     limit: int | None = None,
     checkpointing: bool = False,
     timeline: bool = False,
+    shard: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
     """Train TinyGPT(cfg) for ``steps`` steps of ``batch`` sequences per rank; measure this rank.
+
+    ``shard``: (source, name) of a learner's ``shard(model) -> (model, optimizer)`` to use
+    instead of ``strategy`` (pass strategy "custom"); it runs inside the measured block, so
+    whatever it allocates and keeps counts toward this rank's peak and budget.
 
     "single" ignores the other ranks (each runs the whole model on its own slice; use world
     size 1 for a true single-process reference). ``limit`` (bytes) runs the steps under
@@ -100,22 +139,22 @@ def train(
     gpt = TinyGPT(GPTConfig(**cfg)).to(rank.device)
     if checkpointing:
         gpt.set_checkpointing(every=1)
-    model, opt = wrap(LossModel(gpt), strategy, lr)
+    custom = shard is not None
+    model, opt = (LossModel(gpt), None) if custom else wrap(LossModel(gpt), strategy, lr)
     world = 1 if strategy == "single" else rank.world_size
     batches = [
         b.to(rank.device) for b in rank_batches(gpt.cfg, batch, steps, 0 if strategy == "single" else rank.rank, world)
     ]
     losses: list[float] = []
     counter = CommCounter()
-    guard = (
-        budget(limit, model, opt, batches, timeline=timeline)
-        if limit
-        else measure(model, opt, batches, timeline=timeline)
-    )
+    tracked = [model, batches] if custom else [model, opt, batches]  # a learner's shard runs inside the block
+    guard = budget(limit, *tracked, timeline=timeline) if limit else measure(*tracked, timeline=timeline)
     error = ""
     start = now(rank.device)
     try:
         with guard, counter:
+            if custom:
+                model, opt = _learner_wrap(learner_function(*shard), model)
             for ids in batches:
                 opt.zero_grad(set_to_none=True)
                 loss = model(ids)
@@ -124,6 +163,10 @@ def train(
                 losses.append(float(loss.detach()))
     except torch.OutOfMemoryError as err:  # also raised before the block when what is alive does not fit
         error = headline(err)
+    except Exception as err:  # a learner's shard: report it from every rank, with its own words
+        if not custom:
+            raise
+        error = f"{type(err).__name__}: {err}"
     m = guard.result
     assert m is not None
     seconds = (now(rank.device) - start) / steps
@@ -143,7 +186,7 @@ def train(
         "end_bytes": m.end_bytes,
         "param_bytes": storage_bytes(list(model.parameters())),
         "grad_bytes": storage_bytes(grads),
-        "optimizer_bytes": storage_bytes(opt) if strategy != "zero1" else storage_bytes(opt.optim),
+        "optimizer_bytes": storage_bytes(getattr(opt, "optim", opt)),  # ZeroRedundancyOptimizer wraps one
         "comm_bytes_per_step": {k: v // steps for k, v in counter.bytes.items()},
         "comm_calls_per_step": {k: v // steps for k, v in counter.calls.items()},
         "losses": losses,

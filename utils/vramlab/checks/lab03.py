@@ -24,13 +24,13 @@ import gc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from ..budget import budget
 from ..gpt import GPTConfig, TinyGPT, pattern_batch
 from ..measure import measure
 from ..oom import headline
+from ..reach import UnmeasurableObject, reachable
 from ..search import largest_batch
 from ..units import MiB, format_bytes
 from . import FAILED, NOT_ATTEMPTED, PASSED, CheckResult, give_verdict
@@ -71,23 +71,6 @@ class NotTraining(Exception):
     """A recipe whose steps do not train the lab's model, with what the check saw."""
 
 
-def _numpy_bytes(obj: object, seen: set[int] | None = None, depth: int = 0) -> int:
-    """Bytes of NumPy arrays reachable from ``obj`` through attributes, containers and state."""
-    seen = set() if seen is None else seen
-    if id(obj) in seen or depth > 12 or isinstance(obj, (str, bytes, int, float, torch.Tensor)):
-        return 0
-    seen.add(id(obj))
-    if isinstance(obj, np.ndarray):
-        return obj.nbytes
-    if isinstance(obj, dict):
-        children = list(obj.values())
-    elif isinstance(obj, (list, tuple, set)):
-        children = list(obj)
-    else:
-        children = list(getattr(obj, "__dict__", {}).values())
-    return sum(_numpy_bytes(child, seen, depth + 1) for child in children)
-
-
 class _StepCounter:
     """Counts an optimizer's ``step()`` calls with the optimizer's own post-step hook."""
 
@@ -125,7 +108,10 @@ def _check_trained(model: TinyGPT, opt: torch.optim.Optimizer, counter: _StepCou
             f"{calls} calls of your step made {counter.count} optimizer step(s); each call must make exactly one "
             "(accumulate over micro-batches, then opt.step() once)"
         )
-    hidden = _numpy_bytes(opt) + _numpy_bytes(model)
+    try:
+        hidden = sum(a.nbytes for a in reachable([model, opt]).arrays.values())
+    except UnmeasurableObject as err:
+        raise NotTraining(f"{err}; keep the model and optimizer in torch tensors") from None
     if hidden > 1024:
         raise NotTraining(
             f"{format_bytes(hidden)} of NumPy arrays hang off the model or optimizer: on this CPU host and device "

@@ -1,34 +1,52 @@
 """Checks of Lab 5, *Shard it*.
 
 The model (TinyGPT, fp32 AdamW) does not fit the per-rank budget when one process trains it.
-The learner's ``plan()`` returns how to train it on 2 ranks: a dict with ``strategy`` (one of
-:data:`vramlab.parallel.STRATEGIES`), ``batch_per_rank`` (sequences per rank per step) and
-``checkpointing`` (bool). :func:`check_sharding` starts the 2 ranks, trains ``STEPS`` steps
-under the budget on every rank, and passes when no rank runs out of memory, every rank's
-measured peak is within the budget, and the mean loss of every step equals the
-single-process reference (the whole global batch of ``GLOBAL_BATCH`` sequences per step)
-within ``LOSS_RTOL``. The ranks always run as CPU processes (gloo), so the budget is enforced
-by the storage tracker and means the same on every machine.
+The learner writes two functions:
+
+- ``predict_state_bytes(params, world) -> int``: the bytes of parameters, gradients and
+  optimizer state that each rank holds after a step with their sharding, from the numbers
+  alone (it runs under :func:`vramlab.checks.predict`: no tensors, no threads);
+- ``shard(model) -> (model, optimizer)``: the wrapping code (``fully_shard`` per block and
+  at the root, DDP, ZeroRedundancyOptimizer...), run on every rank. Its source is sent to
+  the ranks (a spawned process cannot import a notebook) and runs *inside* the measured,
+  budgeted block, so whatever it allocates and keeps counts.
+
+:func:`check_sharding` starts 2 ranks (CPU processes on gloo, so the budget means the same on
+every machine), trains ``STEPS`` steps of the global batch under the budget, and passes when
+no rank runs out of memory or fails, every rank's peak is within the budget, the mean loss of
+every step equals one process on the whole batch within ``LOSS_RTOL``, and the prediction is
+within ``STATE_RTOL`` of the state bytes measured on every rank, for the lab's model and for
+a second model the learner does not see in advance.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
+import textwrap
 from collections.abc import Callable
 from typing import Any
 
 from .. import parallel as PL
 from ..distributed import Rank, RankFailed, launch
+from ..gpt import GPTConfig
 from ..units import MiB, format_bytes
-from . import FAILED, NOT_ATTEMPTED, PASSED, CheckResult, attempt, give_verdict
+from . import FAILED, MEASURED_HINT, NOT_ATTEMPTED, PASSED, CheckResult, Measured, give_verdict, judge_bytes, predict
 
 CFG = dict(vocab_size=256, seq_len=33, hidden=256, layers=4, heads=4)
+UNSEEN_CFG = dict(vocab_size=256, seq_len=33, hidden=192, layers=3, heads=4)  # the prediction's second model
 WORLD = 2
 GLOBAL_BATCH = 4
+BATCH_PER_RANK = GLOBAL_BATCH // WORLD
 STEPS = 3
 BUDGET = 50 * MiB
 LOSS_RTOL = 1e-4
-KEYS = {"strategy", "batch_per_rank", "checkpointing"}
+STATE_RTOL = 0.01
+
+
+def params(cfg: dict[str, int] | None = None) -> int:
+    """Parameters of the lab's model (or of ``cfg``)."""
+    return GPTConfig(**(cfg or CFG)).params
 
 
 @functools.lru_cache(maxsize=1)
@@ -46,69 +64,81 @@ def single_process_peak() -> int:
     return _reference()["peak_bytes"]
 
 
-def validate(plan: Any) -> str:
-    """'' if ``plan`` is well formed, else what is wrong with it."""
-    if not isinstance(plan, dict):
-        return f"plan() must return a dict with keys {sorted(KEYS)}, got {type(plan).__name__}"
-    if set(plan) != KEYS:
-        return f"plan() must return exactly the keys {sorted(KEYS)}, got {sorted(plan)}"
-    if plan["strategy"] not in PL.STRATEGIES:
-        return f"unknown strategy {plan['strategy']!r}; choose one of {PL.STRATEGIES}"
-    if (
-        isinstance(plan["batch_per_rank"], bool)
-        or not isinstance(plan["batch_per_rank"], int)
-        or plan["batch_per_rank"] < 1
-    ):
-        return f"batch_per_rank must be a positive int, got {plan['batch_per_rank']!r}"
-    if not isinstance(plan["checkpointing"], bool):
-        return f"checkpointing must be True or False, got {plan['checkpointing']!r}"
+def source_of(shard: Callable[..., Any]) -> tuple[str, str]:
+    """(source, name) of the learner's function, to send to the ranks."""
+    try:
+        return textwrap.dedent(inspect.getsource(shard)), shard.__name__
+    except (OSError, TypeError) as err:
+        raise ValueError("shard must be a function defined with `def` in a notebook cell or a file") from err
+
+
+def run(shard: Callable[..., Any], cfg: dict[str, int] | None = None, limit: int | None = BUDGET) -> list[dict]:
+    """Train ``STEPS`` steps on ``WORLD`` ranks with the learner's ``shard``; each rank's report
+    (peak_bytes, param_bytes, grad_bytes, optimizer_bytes, losses, error...)."""
+    args = ("custom", cfg or CFG, BATCH_PER_RANK, STEPS, 3e-3, limit, False, False, source_of(shard))
+    return launch(PL.train, WORLD, args=args, timeout_s=240, backend="gloo")
+
+
+def state_bytes(report: dict[str, Any]) -> int:
+    """Parameters + gradients + optimizer state a rank held after its last step."""
+    return report["param_bytes"] + report["grad_bytes"] + report["optimizer_bytes"]
+
+
+def _failure(ranks: list[dict[str, Any]]) -> str:
+    """Why the run failed, or ""."""
+    for r in ranks:
+        if r["error"].startswith("NotImplementedError"):
+            return "not attempted"
+        if r["error"]:
+            oom = "out of memory" in r["error"].lower() or "tried to allocate" in r["error"]
+            hint = " Hint: which states does your sharding still replicate on every rank?" if oom else ""
+            return f"rank {r['rank']} failed: {r['error']}.{hint}"
+        if r["peak_bytes"] > BUDGET:
+            return f"rank {r['rank']} peaked at {format_bytes(r['peak_bytes'])}, over {format_bytes(BUDGET)}"
+    want, got = reference_losses(), ranks[0]["losses"]
+    if len(got) != len(want) or not all(abs(g - w) <= LOSS_RTOL * abs(w) for g, w in zip(got, want)):
+        return (
+            f"losses {[round(x, 5) for x in got]} differ from one process on the whole batch "
+            f"{[round(x, 5) for x in want]}. Hint: the ranks must keep the same weights (synchronise the "
+            "gradients, as DDP and FSDP do) and train every parameter."
+        )
     return ""
 
 
-def run(plan: dict[str, Any]) -> list[dict[str, Any]]:
-    """Train ``STEPS`` steps on ``WORLD`` ranks under the budget with ``plan``; each rank's report."""
-    return launch(
-        PL.train,
-        WORLD,
-        args=(plan["strategy"], CFG, plan["batch_per_rank"], STEPS, 3e-3, BUDGET, plan["checkpointing"]),
-        timeout_s=240,
-        backend="gloo",
-    )
-
-
-def check_sharding(plan_fn: Callable[[], dict[str, Any]]) -> CheckResult:
-    """Every rank stays within the budget and the losses equal the single-process reference."""
-    name = f"train on {WORLD} ranks within {format_bytes(BUDGET)} each, same losses as one process"
-    attempted, plan = attempt(plan_fn)
+def check_sharding(shard: Callable[..., Any], predict_state_bytes: Callable[[int, int], Any]) -> CheckResult:
+    """Every rank within the budget, the losses of one process, and the state bytes predicted."""
+    name = f"train on {WORLD} ranks within {format_bytes(BUDGET)} each, same losses, state bytes predicted"
+    hint = "what each rank keeps of the weights (4 B), gradients (4 B) and AdamW state (8 B) per parameter"
+    try:
+        attempted, predicted = predict(predict_state_bytes, params(), WORLD)
+    except Measured:
+        return give_verdict(name, FAILED, MEASURED_HINT)
     if not attempted:
-        return give_verdict(name, NOT_ATTEMPTED, "replace the `raise NotImplementedError` in plan")
-    problem = validate(plan)
+        return give_verdict(name, NOT_ATTEMPTED, "predict first: replace the `raise NotImplementedError`")
+    try:
+        ranks = run(shard)
+    except (RankFailed, ValueError) as err:
+        return give_verdict(name, FAILED, str(err).splitlines()[0])
+    problem = _failure(ranks)
+    if problem == "not attempted":
+        return give_verdict(name, NOT_ATTEMPTED, "replace the `raise NotImplementedError` in shard")
     if problem:
         return give_verdict(name, FAILED, problem)
-    try:
-        ranks = run(plan)
-    except RankFailed as err:
-        return give_verdict(name, FAILED, str(err).splitlines()[0])
-    for r in ranks:
-        if r["error"]:
-            return give_verdict(
-                name,
-                FAILED,
-                f"rank {r['rank']} ran out of memory: {r['error']}. "
-                "Hint: which states does your strategy still replicate on every rank?",
-            )
-        if r["peak_bytes"] > BUDGET:
-            return give_verdict(
-                name, FAILED, f"rank {r['rank']} peaked at {format_bytes(r['peak_bytes'])}, over {format_bytes(BUDGET)}"
-            )
-    want, got = reference_losses(), ranks[0]["losses"]
-    if len(got) != len(want) or not all(abs(g - w) <= LOSS_RTOL * abs(w) for g, w in zip(got, want)):
-        return give_verdict(
-            name,
-            FAILED,
-            f"losses {[round(x, 5) for x in got]} differ from one process on the whole batch "
-            f"{[round(x, 5) for x in want]}. Hint: {WORLD} ranks x batch_per_rank must be the global batch "
-            f"of {GLOBAL_BATCH}, and 'single' does not synchronise the ranks.",
-        )
+    measured = max(state_bytes(r) for r in ranks)
+    failed = judge_bytes(name, predicted, measured, STATE_RTOL, f"the lab's model ({params():,} parameters)", hint)
+    if failed:
+        return failed
+    _, unseen_prediction = predict(predict_state_bytes, params(UNSEEN_CFG), WORLD)
+    unseen = max(state_bytes(r) for r in run(shard, UNSEEN_CFG, limit=None))
+    setup = f"a second model ({params(UNSEEN_CFG):,} parameters)"
+    failed = judge_bytes(name, unseen_prediction, unseen, STATE_RTOL, setup, hint)
+    if failed:
+        return failed
     peaks = ", ".join(f"rank {r['rank']} {format_bytes(r['peak_bytes'])}" for r in ranks)
-    return give_verdict(name, PASSED, f"peaks {peaks}; losses match one process to {LOSS_RTOL:.0e}")
+    return give_verdict(
+        name,
+        PASSED,
+        f"peaks {peaks}; losses match one process to {LOSS_RTOL:.0e}; state bytes {format_bytes(measured)} per rank "
+        f"as predicted, on two models. The rest of the peak is transient: gathered weights, gradient buffers, "
+        "activations and the optimizer step's temporaries.",
+    )
