@@ -37,6 +37,21 @@ def test_first_code_cell_is_the_shared_setup_cell(path):
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=ids(CHAPTERS))
+def test_every_predict_step_asks_for_the_learners_guess_and_reveals_it(path):
+    """A "**Predict**" is followed by a cell that sets my_guess before anything is measured,
+    and a later cell shows the guess next to the measurement (vramlab.guess.reveal)."""
+    cells = load(path)["cells"]
+    steps = [i for i, c in enumerate(cells) if c["cell_type"] == "markdown" and "**Predict" in source(c)]
+    assert steps, f"{path.name} has no predict step"
+    for i in steps:
+        guess = next((j for j in range(i + 1, min(i + 3, len(cells))) if "my_guess" in source(cells[j])), None)
+        assert guess is not None, f"{path.name}, cell {i}: a predict step without a my_guess cell after it"
+        assert any("reveal(" in source(c) and "my_guess" in source(c) for c in cells[guess:]), (
+            f"{path.name}, cell {i}: my_guess is never revealed next to a measurement"
+        )
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=ids(CHAPTERS))
 def test_chapter_template(path):
     cells = load(path)["cells"]
     first = source(cells[0])
