@@ -236,10 +236,9 @@ def ch06(s: Sizes) -> int:
         step(model, opt, ids)
     hook.remove()
     seen.clear()
-    limit = s["limit"]  # the swap-myth cell asks for twice the cap, which the cap refuses
     big = [ids_for(cfg, s["big"]) for _ in range(5)]
     step(model, opt, big[0])  # on the device; offloaded keeps less
-    return limit
+    return 0  # the swap-myth cells ask CUDA for more than the card and fill it on purpose: both only probe it
 
 
 def ch06_generation(s: Sizes) -> int:
