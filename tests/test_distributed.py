@@ -141,8 +141,29 @@ def test_planner_ladder():
     assert str(first_fit("gpt2", DEVICE_SIZES["16 GB"], seq=1024)) == "bf16 mixed precision"
     seven = [first_fit("llama-2-7b", size).devices for size in DEVICE_SIZES.values()]
     assert seven == sorted(seven, reverse=True) and seven[-1] == 1
-    seventy = first_fit("llama-2-70b", DEVICE_SIZES["24 GB"])
-    assert "TP" in seventy.recipe and seventy.devices % 8 == 0 and seventy.bytes_per_device <= DEVICE_SIZES["24 GB"]
+    seventy = first_fit("llama-2-70b", DEVICE_SIZES["16 GB"])
+    assert "TP" in seventy.recipe and seventy.devices % 8 == 0 and seventy.bytes_per_device <= DEVICE_SIZES["16 GB"]
+
+
+def test_zero3_rungs_keep_the_8bit_adamw_of_the_rung_before():
+    """Each rung adds to the previous one: with 8-bit AdamW kept under ZeRO-3, 7B fits 2 x 40 GB,
+    13B 2 x 80 GB and 70B 16 x 80 GB (dropping it had asked for twice the GPUs)."""
+    from vramlab import get_arch
+    from vramlab.planner import zero3_bytes_per_device
+
+    assert first_fit("llama-2-7b", DEVICE_SIZES["40 GB"]).devices == 2
+    assert first_fit("llama-2-13b", DEVICE_SIZES["80 GB"]).devices == 2
+    assert first_fit("llama-2-70b", DEVICE_SIZES["80 GB"]).devices == 16
+    for model in ("llama-2-7b", "llama-2-13b", "llama-2-70b"):
+        for size in DEVICE_SIZES.values():
+            plan = first_fit(model, size)
+            assert plan.devices == 1 or "8-bit" in plan.recipe, plan
+    n = E.param_count(get_arch("llama-2-7b"))
+    state8 = E.optimizer_state_bytes(get_arch("llama-2-7b"), "adamw-8bit", "amp-bf16")
+    saved = zero3_bytes_per_device("llama-2-7b", 4, 1, 2048, optimizer="adamw") - zero3_bytes_per_device(
+        "llama-2-7b", 4, 1, 2048
+    )
+    assert abs(saved - (12 * n - state8) / 4) <= 16  # 8 B of moments + 4 B of foreach temporary vs 8-bit state, / 4
 
 
 def test_clock_reads_wait_for_cuda_kernels(monkeypatch):

@@ -2,8 +2,9 @@
 built from vramlab's formulas (source "formula": estimates, not measurements).
 
 The ladder, cheapest first: mixed precision (amp-bf16, AdamW) on one device; + activation
-checkpointing; + 8-bit AdamW; then ZeRO-3/FSDP over 2, 4, ... 64 devices with checkpointing;
-then ZeRO-3 combined with 8-way tensor parallelism over 8, 16, ... 512 devices.
+checkpointing; + 8-bit AdamW; then ZeRO-3/FSDP over 2, 4, ... 64 devices, keeping
+checkpointing and 8-bit AdamW (each rung adds to the one before, never drops a saving); then
+ZeRO-3 combined with 8-way tensor parallelism over 8, 16, ... 512 devices.
 Per device under ZeRO-3: see :func:`zero3_bytes_per_device`.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .estimate import activation_bytes, estimate, linear_shapes, param_count, zero_bytes_per_rank
+from .estimate import activation_bytes, estimate, linear_shapes, optimizer_state_bytes, param_count, zero_bytes_per_rank
 from .hardware import CONTEXT_HEADROOM, SIZE_CLASSES, fits
 from .models import get_arch
 
@@ -35,20 +36,25 @@ class Plan:
         return self.recipe if self.devices == 1 else f"{self.recipe} x{self.devices}"
 
 
-def zero3_bytes_per_device(model: str, devices: int, batch: int, seq: int, tensor_parallel: int = 1) -> int:
-    """Formula bytes per device of amp-bf16 AdamW training with checkpointing under ZeRO-3:
-    fp32 weights, gradients and AdamW state plus the foreach step's temporary, all sharded
-    (20 bytes per parameter / N); the checkpointed block inputs; one block's activations
-    rebuilt in backward, counted twice for its gradients; two blocks' bf16 weights gathered.
-    With ``tensor_parallel`` = T (Megatron-style, with sequence parallelism), each block's
-    weights and activations are split T ways inside a group of T devices; ZeRO-3 shards the
-    states over all ``devices``."""
+def zero3_bytes_per_device(
+    model: str, devices: int, batch: int, seq: int, tensor_parallel: int = 1, optimizer: str = "adamw-8bit"
+) -> int:
+    """Formula bytes per device of amp-bf16 training with checkpointing under ZeRO-3: fp32
+    weights and gradients and the optimizer's state, all sharded over ``devices`` (8-bit AdamW,
+    the default here: ~2 bytes per parameter of state and no step temporary, as its blockwise
+    kernel updates one tensor at a time; "adamw": 8 bytes plus the foreach step's 4); the
+    checkpointed block inputs; one block's activations rebuilt in backward, counted twice for
+    its gradients; two blocks' bf16 weights gathered. With ``tensor_parallel`` = T
+    (Megatron-style, with sequence parallelism), each block's weights and activations are split
+    T ways inside a group of T devices; ZeRO-3 shards the states over all ``devices``."""
     arch = get_arch(model)
     full = activation_bytes(arch, batch, seq, "amp-bf16")
     kept = activation_bytes(arch, batch, seq, "amp-bf16", checkpointing=True)
     one_block = 2 * (full - kept) // arch.num_layers
     gathered = 2 * 2 * sum(o * i for o, i in linear_shapes(arch).values())
-    sharded = sum(zero_bytes_per_rank(param_count(arch), devices, 3, 4, 4, 12).values())
+    params = param_count(arch)
+    state = optimizer_state_bytes(arch, optimizer, "amp-bf16") / params + (4 if optimizer == "adamw" else 0)
+    sharded = sum(zero_bytes_per_rank(params, devices, 3, 4, 4, state).values())
     return sharded + (kept + one_block + gathered) // tensor_parallel
 
 
@@ -71,12 +77,12 @@ def first_fit(model: str, device_bytes: int, batch: int = 1, seq: int = 2048, he
     while devices <= MAX_DEVICES:
         need = zero3_bytes_per_device(model, devices, batch, seq)
         if fits(need, device_bytes, headroom):
-            return Plan("ZeRO-3 + checkpointing", devices, need)
+            return Plan("ZeRO-3 + 8-bit AdamW + ckpt", devices, need)
         devices *= 2
     devices = TENSOR_PARALLEL
     while devices <= MAX_DEVICES_WITH_TP:
         need = zero3_bytes_per_device(model, devices, batch, seq, TENSOR_PARALLEL)
         if fits(need, device_bytes, headroom):
-            return Plan(f"ZeRO-3 + {TENSOR_PARALLEL}-way TP + ckpt", devices, need)
+            return Plan(f"ZeRO-3 + 8-bit + {TENSOR_PARALLEL}-way TP + ckpt", devices, need)
         devices *= 2
     return Plan("none", 0, 0)
