@@ -191,3 +191,14 @@ def test_8bit_adamw_state_bytes_equal_bitsandbytes():
 def test_eager_inference_is_refused_rather_than_estimated_wrong():
     with pytest.raises(ValueError, match="fused"):
         estimate("gpt2", seq=1024, inference=True, attention="eager")
+
+
+def test_fused_adamw_is_adamw_without_the_foreach_temporary():
+    """AdamW(fused=True): the same state, no parameter-sized temporary at the step (issue 12)."""
+    arch = get_arch("llama-2-7b").with_(num_layers=4)
+    foreach = dryrun(arch, batch=1, seq=16, recipe="fp32", optimizer="adamw")
+    fused = dryrun(arch, batch=1, seq=16, recipe="fp32", optimizer="adamw-fused")
+    assert foreach.end_breakdown["optimizer"] == fused.end_breakdown["optimizer"]
+    assert foreach.peak_bytes - fused.peak_bytes == 4 * foreach.params
+    est = estimate(arch, batch=1, seq=16, recipe="fp32", optimizer="adamw-fused")
+    assert est.peak_bytes == 16 * foreach.params

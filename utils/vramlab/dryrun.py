@@ -159,6 +159,8 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter]) -> torch.optim.O
     name = check_optimizer(name)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=1e-4, foreach=True)
+    if name == "adamw-fused":
+        return torch.optim.AdamW(params, lr=1e-4, fused=True)
     if name == "adam":
         return torch.optim.Adam(params, lr=1e-4, foreach=True)
     if name == "sgd":

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 import torch
 
 RECIPES = ("fp32", "amp-bf16", "amp-fp16", "bf16")
-OPTIMIZERS = ("adamw", "adam", "sgd", "sgd-momentum", "adafactor", "adamw-8bit")
+OPTIMIZERS = ("adamw", "adamw-fused", "adam", "sgd", "sgd-momentum", "adafactor", "adamw-8bit")
+"""adamw and adam are the foreach implementations (the default on CUDA: one parameter-sized
+temporary at the step); adamw-fused is ``AdamW(fused=True)``, same state, no temporary."""
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ class Setup:
     Args:
         batch: sequences per step (> 0). seq: tokens per sequence (> 0).
         recipe: precision recipe, see :mod:`vramlab.recipes` (fp32, amp-bf16, amp-fp16, bf16).
-        optimizer: adamw, adam, sgd, sgd-momentum, adafactor or adamw-8bit (training only).
+        optimizer: adamw (foreach), adamw-fused, adam, sgd, sgd-momentum, adafactor or adamw-8bit
+            (training only).
         checkpointing: one activation checkpoint per block (training only).
         inference: a prefill instead of a training step.
         attention: "sdpa" (fused, no s x s scores kept) or "eager" (scores materialised).

@@ -28,7 +28,7 @@ def optimizer_state_bytes(arch: ArchConfig, optimizer: str, recipe: str = "fp32"
     total = 0
     for shape in shapes:
         n = math.prod(shape)
-        if optimizer in ("adam", "adamw"):
+        if optimizer in ("adam", "adamw", "adamw-fused"):
             total += 2 * n * p
         elif optimizer == "sgd-momentum":
             total += n * p
@@ -48,7 +48,8 @@ def _bnb_state_bytes(n: int) -> int:
 
 
 def optimizer_temp_bytes(arch: ArchConfig, optimizer: str, recipe: str = "fp32") -> int:
-    """Bytes of temporaries alive at the peak of ``optimizer.step()`` (foreach versions)."""
+    """Bytes of temporaries alive at the peak of ``optimizer.step()`` (foreach versions; the
+    fused AdamW kernel updates in place and keeps none)."""
     optimizer = check_optimizer(optimizer)
     p = get_recipe(recipe).param_bytes
     params = param_count(arch)
