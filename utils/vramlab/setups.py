@@ -65,10 +65,12 @@ class Setup:
         return asdict(self)
 
     def describe(self) -> str:
-        """One line, e.g. ``training step, batch 4, seq 2048, amp-bf16, adamw, checkpointing``."""
+        """One line, e.g. ``training step, batch 4, seq 2048, amp-bf16, adamw (foreach), checkpointing``:
+        the optimizer says which implementation was modelled (foreach or fused)."""
         if self.inference:
             return f"prefill (inference), batch {self.batch}, seq {self.seq}, {self.recipe}, {self.attention} attention"
+        optimizer = {"adamw": "adamw (foreach)", "adam": "adam (foreach)"}.get(self.optimizer, self.optimizer)
         return (
-            f"training step, batch {self.batch}, seq {self.seq}, {self.recipe}, {self.optimizer}, "
+            f"training step, batch {self.batch}, seq {self.seq}, {self.recipe}, {optimizer}, "
             f"{self.attention} attention" + (", checkpointing" if self.checkpointing else "")
         )
