@@ -120,6 +120,20 @@ def test_unknown_strategy_and_pipeline_arguments():
         PL.pipeline(Rank.in_process(), 4, 16, 8, 2)
 
 
+def test_1f1b_holds_fewer_micro_batches_than_gpipe():
+    """Same stages and micro-batches: with 8 micro-batches 1F1B frees each one's activations after
+    its backward, GPipe keeps all until the backward phase; with 1 they are the same schedule."""
+    peaks = {}
+    for schedule in PL.SCHEDULES:
+        ranks = launch(PL.pipelines, 2, args=(4, 64, 64, [1, 8], 1, schedule), timeout_s=120)
+        peaks[schedule] = [[d["peak_bytes"] for d in rank] for rank in ranks]
+    for r in range(2):
+        assert peaks["1f1b"][r][0] == peaks["gpipe"][r][0]
+        assert peaks["1f1b"][r][1] < peaks["gpipe"][r][1]
+    with pytest.raises(ValueError, match="unknown schedule"):
+        PL.pipeline(Rank.in_process(), 4, 16, 8, 2, schedule="interleaved")
+
+
 def test_ring_traffic():
     assert ring_traffic_bytes({"all-reduce": 100}, 2) == 100
     assert ring_traffic_bytes({"all-gather": 50, "reduce-scatter": 100}, 2) == 100

@@ -306,11 +306,21 @@ def _run_stage(blocks: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def pipeline(rank: Rank, layers: int, hidden: int, batch: int, micro_batches: int, repeats: int = 3) -> dict[str, Any]:
-    """GPipe on 2 ranks: rank 0 runs the first ``layers // 2`` blocks, rank 1 the rest and the
-    loss. All micro-batches go forward (activations sent 0 -> 1), then backward (gradients
-    sent 1 -> 0). Returns this rank's weight bytes, peak, busy and total seconds per step
-    (median of ``repeats``), and the measured bubble fraction 1 - busy / total."""
+SCHEDULES = ("gpipe", "1f1b")
+
+
+def pipeline(
+    rank: Rank, layers: int, hidden: int, batch: int, micro_batches: int, repeats: int = 3, schedule: str = "gpipe"
+) -> dict[str, Any]:
+    """A 2-stage pipeline: rank 0 runs the first ``layers // 2`` blocks, rank 1 the rest and the
+    loss; activations go 0 -> 1, gradients 1 -> 0. ``schedule`` "gpipe": every micro-batch
+    forward, then every one backward, so all their activations are alive at once. "1f1b"
+    (PipeDream-Flush): after a warm-up of one micro-batch on rank 0, each forward is followed
+    by the oldest backward, so a rank holds at most 2 micro-batches' activations. Returns this
+    rank's weight bytes, peak, busy and total seconds per step (median of ``repeats``), and the
+    measured bubble fraction 1 - busy / total."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
     if rank.world_size != 2:
         raise ValueError("this pipeline has exactly 2 stages: launch it with world_size=2")
     if batch % micro_batches:
@@ -322,43 +332,15 @@ def pipeline(rank: Rank, layers: int, hidden: int, batch: int, micro_batches: in
     timings = []
     for _ in range(repeats + 1):  # the first step warms up
         dist.barrier()
-        busy, start = 0.0, now(rank.device)
+        start = now(rank.device)
         with measure(blocks) as m:
-            inputs, outputs = [], []
-            for i in range(micro_batches):
-                if rank.rank == 0:
-                    x = data[i * size : (i + 1) * size]
-                else:
-                    x = torch.empty(size, hidden, device=rank.device)
-                    dist.recv(x, src=0)
-                    x.requires_grad_(True)
-                t = now(rank.device)
-                y = _run_stage(blocks, x)
-                if rank.rank == 1:
-                    y = y.square().mean() / micro_batches
-                busy += now(rank.device) - t
-                if rank.rank == 0:
-                    dist.send(y.detach(), dst=1)
-                inputs.append(x)
-                outputs.append(y)
-            for i in reversed(range(micro_batches)):
-                t = now(rank.device)
-                if rank.rank == 1:
-                    outputs[i].backward()
-                    busy += now(rank.device) - t
-                    dist.send(inputs[i].grad, dst=0)
-                else:
-                    grad = torch.empty_like(outputs[i])
-                    dist.recv(grad, src=1)
-                    t = now(rank.device)
-                    outputs[i].backward(grad)
-                    busy += now(rank.device) - t
-            del inputs, outputs
+            busy = _pipeline_step(rank, blocks, data, size, micro_batches, hidden, schedule)
             dist.barrier()  # the step ends when the last stage is done: idle tails count as bubble
         timings.append((busy, now(rank.device) - start, m.peak_bytes))
     busy, total, peak = sorted(timings[1:], key=lambda t: t[1])[len(timings[1:]) // 2]
     return {
         "rank": rank.rank,
+        "schedule": schedule,
         "weight_bytes": storage_bytes(list(blocks.parameters())),
         "peak_bytes": peak,
         "busy_s": busy,
@@ -367,8 +349,74 @@ def pipeline(rank: Rank, layers: int, hidden: int, batch: int, micro_batches: in
     }
 
 
+def _pipeline_step(
+    rank: Rank, blocks: nn.Sequential, data: torch.Tensor, size: int, micro: int, hidden: int, schedule: str
+) -> float:
+    """One step of the schedule on this rank; returns the seconds spent computing."""
+    busy, sends = 0.0, []  # sends: (request, tensor) pairs, waited for at the end of the step
+    inputs: dict[int, torch.Tensor] = {}
+    outputs: dict[int, torch.Tensor] = {}
+
+    def forward(i: int) -> None:
+        nonlocal busy
+        if rank.rank == 0:
+            x = data[i * size : (i + 1) * size]
+        else:
+            x = torch.empty(size, hidden, device=rank.device)
+            dist.recv(x, src=0)
+            x.requires_grad_(True)
+        t = now(rank.device)
+        y = _run_stage(blocks, x)
+        if rank.rank == 1:
+            y = y.square().mean() / micro
+        busy += now(rank.device) - t
+        if rank.rank == 0:
+            out = y.detach()
+            sends.append((dist.isend(out, dst=1), out))  # non-blocking: 1F1B's next receive must not wait on it
+        inputs[i], outputs[i] = x, y
+
+    def backward(i: int) -> None:
+        nonlocal busy
+        x, y = inputs.pop(i), outputs.pop(i)  # this micro-batch's activations die with its backward
+        if rank.rank == 1:
+            t = now(rank.device)
+            y.backward()
+            busy += now(rank.device) - t
+            sends.append((dist.isend(x.grad, dst=0), x.grad))  # the tensor stays referenced until sent
+        else:
+            grad = torch.empty_like(y)
+            dist.recv(grad, src=1)
+            t = now(rank.device)
+            y.backward(grad)
+            busy += now(rank.device) - t
+
+    if schedule == "gpipe":
+        for i in range(micro):
+            forward(i)
+        for i in reversed(range(micro)):
+            backward(i)
+    else:
+        warmup = min(rank.world_size - rank.rank - 1, micro)
+        for i in range(warmup):
+            forward(i)
+        for i in range(micro - warmup):
+            forward(i + warmup)
+            backward(i)
+        for i in range(micro - warmup, micro):
+            backward(i)
+    for request, _ in sends:
+        request.wait()
+    return busy
+
+
 def pipelines(
-    rank: Rank, layers: int, hidden: int, batch: int, micro_batch_counts: list[int], repeats: int = 3
+    rank: Rank,
+    layers: int,
+    hidden: int,
+    batch: int,
+    micro_batch_counts: list[int],
+    repeats: int = 3,
+    schedule: str = "gpipe",
 ) -> list[dict[str, Any]]:
     """:func:`pipeline` for each number of micro-batches, in one set of processes."""
-    return [pipeline(rank, layers, hidden, batch, m, repeats) for m in micro_batch_counts]
+    return [pipeline(rank, layers, hidden, batch, m, repeats, schedule) for m in micro_batch_counts]
