@@ -162,8 +162,25 @@ def test_faking_the_step_counter_does_not_pass():
             opt.state[p]["step"] = torch.tensor(20.0)
         return history
 
-    with pytest.raises(CheckFailed, match="away from a correct loop"):
+    with pytest.raises(CheckFailed, match="no optimizer step"):  # the check counts steps with a hook, not the state
         lab02.check_train(fake_steps)
+
+
+def test_training_on_the_wrong_batches_does_not_pass():
+    """Right first step, right number of steps, but every step trains on the first batch again."""
+
+    def first_batch_only(model, opt, batches):
+        loop, first = make_loop(), []
+
+        def replay():
+            for ids in batches:
+                first[:1] = first[:1] or [ids]
+                yield first[0]
+
+        return loop(model, opt, replay())
+
+    with pytest.raises(CheckFailed, match="away from a correct loop"):
+        lab02.check_train(first_batch_only)
 
 
 def test_survivors_measure_the_leak():

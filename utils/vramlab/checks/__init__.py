@@ -93,6 +93,26 @@ def _no_new_threads_or_processes() -> Iterator[None]:
             setattr(owner, name, original)
 
 
+class StepCounter:
+    """Counts an optimizer's ``step()`` calls with the optimizer's own post-step hook, so a
+    check sees the steps a learner's code really took (``with StepCounter(opt) as steps:``)."""
+
+    def __init__(self, opt: torch.optim.Optimizer) -> None:
+        self.count = 0
+        self._opt = opt
+        self._handle: Any = None
+
+    def _hook(self, *_: object) -> None:
+        self.count += 1
+
+    def __enter__(self) -> StepCounter:
+        self._handle = self._opt.register_step_post_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()
+
+
 MEASURED_HINT = (
     "your prediction allocated tensors (or started a thread or process, where the check cannot see "
     "what it allocates): it built, ran or measured a model. Predict from the "

@@ -3,8 +3,8 @@
 The learner's ``train(model, opt, batches) -> list[float]`` must (1) run 20 iterations
 inside the lab's budget, (2) hold the same memory after iteration 20 as after iteration 2,
 (3) produce the gradients of the original full-batch loop (same effective batch), and
-(4) train as the original does: one AdamW step per batch (the check counts them in the
-optimizer's state), weights after 20 steps equal to a correct loop's, and a history of each
+(4) train as the original does: one AdamW step per batch (the check counts them with the
+optimizer's own step hook), weights after 20 steps equal to a correct loop's, and a history of each
 iteration's loss, which the check recomputes. Memory "after iteration i" is read when the
 loop asks for batch i + 1, so the learner's code needs no instrumentation.
 """
@@ -25,7 +25,7 @@ from ..gpt import GPTConfig, TinyGPT, random_batch
 from ..measure import measure
 from ..oom import headline
 from ..units import MiB, format_bytes
-from . import FAILED, NOT_ATTEMPTED, PASSED, CheckResult, as_number, give_verdict
+from . import FAILED, NOT_ATTEMPTED, PASSED, CheckResult, StepCounter, as_number, give_verdict
 
 CONFIG = GPTConfig(vocab_size=512, seq_len=65, hidden=64, layers=2, heads=2)
 BATCH = 32
@@ -98,6 +98,7 @@ class _Run:
     model: TinyGPT | None = None
     opt: torch.optim.Optimizer | None = None
     history: Any = None
+    steps: int = 0  # optimizer steps the loop took, counted by the optimizer's hook
 
 
 def _run(train: Callable, seed: int = 0) -> _Run:
@@ -107,11 +108,11 @@ def _run(train: Callable, seed: int = 0) -> _Run:
     with measure(model, opt, batches) as watch:
         recorder = _Recorder(batches, watch.current_bytes)
         try:
-            with budget(LIMIT, model, opt, batches):
+            with StepCounter(opt) as steps, budget(LIMIT, model, opt, batches):
                 run.history = train(model, opt, recorder)
         except torch.OutOfMemoryError as err:
             run.error = str(err)
-    run.after = recorder.after
+    run.after, run.steps = recorder.after, steps.count
     return run
 
 
@@ -136,19 +137,12 @@ def _reference(seed: int = 0) -> tuple[tuple[float, ...], tuple[torch.Tensor, ..
     return tuple(losses), start, tuple(p.detach().clone() for p in model.parameters())
 
 
-def _steps_taken(opt: torch.optim.Optimizer) -> set[int]:
-    """The optimizer steps each parameter has had, from AdamW's own step counters."""
-    params = [p for group in opt.param_groups for p in group["params"]]
-    return {int(opt.state[p]["step"]) if "step" in opt.state.get(p, {}) else 0 for p in params}
-
-
 def _training_problem(run: _Run, seed: int = 0) -> str:
     """Why the run did not train as the original loop does, or "" if it did."""
-    steps = _steps_taken(run.opt)
-    if steps != {ITERATIONS}:
-        taken = "no optimizer step" if steps == {0} else f"{' or '.join(map(str, sorted(steps)))} optimizer steps"
+    if run.steps != ITERATIONS:
+        taken = "no optimizer step" if run.steps == 0 else f"{run.steps} optimizer steps"
         return (
-            f"your loop made {taken} per parameter; one `opt.step()` per batch of {BATCH} makes {ITERATIONS}. "
+            f"your loop made {taken}; one `opt.step()` per batch of {BATCH} makes {ITERATIONS}. "
             "Hint: step once after all the micro-batches of a batch, not after each one."
         )
     losses, start, final = _reference(seed)

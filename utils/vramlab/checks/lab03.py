@@ -33,7 +33,7 @@ from ..oom import headline
 from ..reach import UnmeasurableObject, reachable
 from ..search import largest_batch
 from ..units import MiB, format_bytes
-from . import FAILED, NOT_ATTEMPTED, PASSED, CheckResult, give_verdict
+from . import FAILED, NOT_ATTEMPTED, PASSED, CheckResult, StepCounter, give_verdict
 
 LIMIT = 40 * MiB
 BATCH = 16
@@ -71,20 +71,6 @@ class NotTraining(Exception):
     """A recipe whose steps do not train the lab's model, with what the check saw."""
 
 
-class _StepCounter:
-    """Counts an optimizer's ``step()`` calls with the optimizer's own post-step hook."""
-
-    def __init__(self, opt: torch.optim.Optimizer) -> None:
-        self.count = 0
-        self._handle = opt.register_step_post_hook(self._hook)
-
-    def _hook(self, *_: object) -> None:
-        self.count += 1
-
-    def remove(self) -> None:
-        self._handle.remove()
-
-
 def _check_recipe(model: TinyGPT, opt: object, layers: int) -> None:
     """Raise :class:`NotTraining` unless ``opt`` can train every registered weight of the model."""
     if not isinstance(opt, torch.optim.Optimizer):
@@ -101,7 +87,7 @@ def _check_recipe(model: TinyGPT, opt: object, layers: int) -> None:
         raise NotTraining("the optimizer must update every parameter of the model")
 
 
-def _check_trained(model: TinyGPT, opt: torch.optim.Optimizer, counter: _StepCounter, calls: int) -> None:
+def _check_trained(model: TinyGPT, opt: torch.optim.Optimizer, counter: StepCounter, calls: int) -> None:
     """Raise :class:`NotTraining` unless ``calls`` calls of step made one optimizer step each."""
     if counter.count != calls:
         raise NotTraining(
@@ -144,11 +130,9 @@ def run_in_budget(configure: Callable, step: Callable, layers: int = LAYERS) -> 
     opt = configure(model)
     try:
         _check_recipe(model, opt, layers)
-        counter = _StepCounter(opt)
-        with budget(LIMIT, model, opt, batches):
+        with StepCounter(opt) as counter, budget(LIMIT, model, opt, batches):
             for ids in batches:
                 run.losses.append(float(step(model, opt, ids)))
-        counter.remove()
         _check_trained(model, opt, counter, STEPS)
         run.heldout_after = heldout_loss(model)
     except torch.OutOfMemoryError as err:
@@ -228,11 +212,9 @@ def step_peak(configure: Callable, step: Callable, layers: int) -> int:
     model, batches = _setup(layers)
     opt = configure(model)
     _check_recipe(model, opt, layers)
-    counter = _StepCounter(opt)
-    with measure(model, opt, batches[:2]) as m:
+    with StepCounter(opt) as counter, measure(model, opt, batches[:2]) as m:
         for ids in batches[:2]:
             step(model, opt, ids)
-    counter.remove()
     _check_trained(model, opt, counter, 2)
     return m.peak_bytes
 
