@@ -8,10 +8,9 @@ top to bottom, as CI runs it, still works.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-from .checks import as_number
+from .checks import as_number, relative_gap
 from .units import format_bytes, parse_bytes
 
 UNITS = ("bytes", "ratio", "fraction", "count", "choice")
@@ -58,7 +57,7 @@ def reveal(guess: Any, measured: Any, *, unit: str = "bytes", what: str = "") ->
         if number is None:
             raise ValueError(f"my_guess should be a number for a {unit}, got {guess!r}")
         want = float(measured)
-        gap = abs(number - want) / abs(want) if want else (0.0 if number == 0 else math.inf)
+        gap = relative_gap(number, want)
         line = f"{label}you predicted {_show(number, unit)}, measured {_show(want, unit)}: off by {gap:.1%}"
     print(line)
     return line

@@ -21,12 +21,14 @@ overrides the choice, e.g. to run the small sizes on a GPU.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import TypeVar
 
 import torch
 
 from .device import has_cuda
+from .hardware import fits
 from .units import GiB, MiB
 
 T = TypeVar("T")
@@ -56,8 +58,7 @@ PINNED_HOST_LIMIT = 4 * GiB
 def fits_profile(peak_bytes: int, profile_name: str) -> bool:
     """Whether a peak of ``peak_bytes`` (live tensors) fits a card of ``profile_name``'s
     smallest capacity once the context and the allocator's rounding are added."""
-    capacity = GPU_PROFILES[profile_name]
-    return peak_bytes * (1 + ROUNDING_ALLOWANCE) + CONTEXT_ALLOWANCE <= capacity
+    return fits(math.ceil(peak_bytes * (1 + ROUNDING_ALLOWANCE)), GPU_PROFILES[profile_name], CONTEXT_ALLOWANCE)
 
 
 def card_capacity() -> int | None:
