@@ -190,3 +190,17 @@ def test_clock_reads_wait_for_cuda_kernels(monkeypatch):
     timing.now(timing.torch.device("cuda", 1))
     assert synced == [timing.torch.device("cuda", 1)]
     assert PL.now is timing.now  # the pipeline's busy time and step time read this clock
+
+
+def _policy_user(model):
+    return MixedPrecisionPolicy, CPUOffloadPolicy, model  # noqa: F821 - names the ranks provide
+
+
+def test_code_sent_to_the_ranks_sees_the_fsdp_policies():
+    source, name = PL.source_of(_policy_user)
+    assert name == "_policy_user" and source.startswith("def _policy_user(model):")
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+
+    assert PL.learner_function(source, name)("m") == (MixedPrecisionPolicy, CPUOffloadPolicy, "m")
+    with pytest.raises(ValueError, match="defined with `def`"):
+        PL.source_of(len)

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import inspect
+import textwrap
 from collections.abc import Callable
 from typing import Any
 
@@ -71,11 +73,21 @@ def wrap(model: LossModel, strategy: str, lr: float) -> tuple[nn.Module, torch.o
     return model, torch.optim.AdamW(model.parameters(), lr=lr, foreach=True)
 
 
+def source_of(fn: Callable[..., Any]) -> tuple[str, str]:
+    """(source, name) of a function defined in a notebook cell or a file, to send to the
+    ranks (see :func:`learner_function`)."""
+    try:
+        return textwrap.dedent(inspect.getsource(fn)), fn.__name__
+    except (OSError, TypeError) as err:
+        raise ValueError(f"{fn!r} must be a function defined with `def` in a notebook cell or a file") from err
+
+
 def learner_function(source: str, name: str) -> Callable[..., Any]:
     """The function ``name`` defined by ``source`` (a notebook cell's function, sent to the
     ranks as text because spawned processes cannot import a notebook). Its globals hold
-    torch, nn, dist, fully_shard, DistributedDataParallel and ZeroRedundancyOptimizer."""
-    from torch.distributed.fsdp import fully_shard
+    torch, nn, dist, fully_shard, MixedPrecisionPolicy, CPUOffloadPolicy,
+    DistributedDataParallel and ZeroRedundancyOptimizer."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel
 
@@ -84,6 +96,8 @@ def learner_function(source: str, name: str) -> Callable[..., Any]:
         "nn": nn,
         "dist": dist,
         "fully_shard": fully_shard,
+        "MixedPrecisionPolicy": MixedPrecisionPolicy,
+        "CPUOffloadPolicy": CPUOffloadPolicy,
         "DistributedDataParallel": DistributedDataParallel,
         "ZeroRedundancyOptimizer": ZeroRedundancyOptimizer,
     }
@@ -196,10 +210,22 @@ def train(
 
 
 def compare(
-    rank: Rank, strategies: list[str], cfg: dict[str, Any], batch: int, steps: int = 2, timeline: bool = False
+    rank: Rank,
+    strategies: list[str | tuple[str, str]],
+    cfg: dict[str, Any],
+    batch: int,
+    steps: int = 2,
+    timeline: bool = False,
 ) -> list[dict[str, Any]]:
-    """:func:`train` under each strategy in turn, in one set of processes (spawning costs seconds)."""
-    return [train(rank, s, cfg, batch, steps, timeline=timeline) for s in strategies]
+    """:func:`train` under each strategy in turn, in one set of processes (spawning costs
+    seconds). A strategy is a name from :data:`STRATEGIES` or the ``(source, name)`` of a
+    ``shard(model) -> (model, optimizer)`` function (:func:`source_of`)."""
+    return [
+        train(rank, "custom", cfg, batch, steps, timeline=timeline, shard=s)
+        if isinstance(s, tuple)
+        else train(rank, s, cfg, batch, steps, timeline=timeline)
+        for s in strategies
+    ]
 
 
 # ------------------------------------------------------------------ tensor parallelism

@@ -22,8 +22,6 @@ a second model the learner does not see in advance.
 from __future__ import annotations
 
 import functools
-import inspect
-import textwrap
 from collections.abc import Callable
 from typing import Any
 
@@ -64,18 +62,10 @@ def single_process_peak() -> int:
     return _reference()["peak_bytes"]
 
 
-def source_of(shard: Callable[..., Any]) -> tuple[str, str]:
-    """(source, name) of the learner's function, to send to the ranks."""
-    try:
-        return textwrap.dedent(inspect.getsource(shard)), shard.__name__
-    except (OSError, TypeError) as err:
-        raise ValueError("shard must be a function defined with `def` in a notebook cell or a file") from err
-
-
 def run(shard: Callable[..., Any], cfg: dict[str, int] | None = None, limit: int | None = BUDGET) -> list[dict]:
     """Train ``STEPS`` steps on ``WORLD`` ranks with the learner's ``shard``; each rank's report
     (peak_bytes, param_bytes, grad_bytes, optimizer_bytes, losses, error...)."""
-    args = ("custom", cfg or CFG, BATCH_PER_RANK, STEPS, 3e-3, limit, False, False, source_of(shard))
+    args = ("custom", cfg or CFG, BATCH_PER_RANK, STEPS, 3e-3, limit, False, False, PL.source_of(shard))
     return launch(PL.train, WORLD, args=args, timeout_s=240, backend="gloo")
 
 
