@@ -241,3 +241,32 @@ def test_bnb_layers_are_quantized_by_the_move_to_the_models_device(bnb, monkeypa
     assert weight.device.type == "cpu" and weight.dtype == torch.float32  # not quantized until moved
     weight = weight.to("cpu")  # the move quantizes (here to the CPU; on a GPU to CUDA)
     assert weight.dtype == (torch.int8 if bits == 8 else torch.uint8)
+
+
+@pytest.mark.parametrize(("out_f", "in_f"), [(384, 384), (1536, 384), (384, 1536), (100, 1000), (4096, 11008)])
+def test_int4_packed_bytes_follow_the_kernel_layout(out_f, in_f):
+    """The formula against the shapes torch and torchao produce for the tinygemm layout: the
+    packing op's meta kernel for the codes, torchao's own packing of scales and zeros."""
+    from torchao.quantization.utils import pack_tinygemm_scales_and_zeros
+
+    from vramlab.quantize import int4_packed_bytes
+
+    rows, cols = -(-out_f // 8) * 8, -(-in_f // 1024) * 1024  # torchao pads before packing
+    meta = torch.empty(rows, cols // 2, dtype=torch.uint8, device="meta")
+    codes = torch.ops.aten._convert_weight_to_int4pack(meta, 8)
+    scale = torch.ones(rows, cols // 32, dtype=torch.bfloat16)
+    scale_and_zero = pack_tinygemm_scales_and_zeros(scale, scale.clone(), torch.bfloat16)
+    assert int4_packed_bytes(out_f, in_f, 32) == codes.numel() * 4 + scale_and_zero.numel() * 2
+    assert int4_packed_bytes(384, 384, 32) == 245_760 > 384 * 384  # padding makes a small layer bigger than int8
+
+
+def test_int4_packed_refuses_clearly_where_it_cannot_run(monkeypatch):
+    from vramlab import quantize as Q
+
+    with pytest.raises(RuntimeError, match="no GPU.*bitsandbytes NF4"):
+        Q.torchao_int4_packed(nn.Sequential(nn.Linear(8, 8)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))  # a T4
+    assert "8.0" in Q.int4_packed_unavailable() and "7.5" in Q.int4_packed_unavailable()
+    with pytest.raises(ValueError, match="group sizes"):
+        Q.int4_packed_bytes(8, 8, group=48)

@@ -111,6 +111,58 @@ def torchao_int4_unpacked(model: nn.Module, group: int = 32, filter_fn: Filter =
     return model
 
 
+INT4_PACKED_GROUPS = (32, 64, 128, 256)  # the group sizes CUDA's tinygemm int4 kernel takes
+
+
+def int4_packed_bytes(out_features: int, in_features: int, group: int = 32) -> int:
+    """Bytes of one ``out_features × in_features`` weight in torchao's packed int4 layout
+    (``Int4WeightOnlyConfig(int4_packing_format="tile_packed_to_4d")``, CUDA's tinygemm
+    kernel): the input features are padded to a multiple of 1024 and the output features to
+    8, two 4-bit codes share a byte, and each row keeps a bf16 scale and a bf16 zero point
+    per ``group`` inputs."""
+    if group not in INT4_PACKED_GROUPS:
+        raise ValueError(f"the packed int4 kernel takes group sizes {INT4_PACKED_GROUPS}, got {group!r}")
+    if out_features <= 0 or in_features <= 0:
+        raise ValueError("a weight needs at least one output and one input feature")
+    rows = -(-out_features // 8) * 8
+    cols = -(-in_features // 1024) * 1024
+    return rows * cols // 2 + (cols // group) * rows * 2 * 2
+
+
+def int4_packed_unavailable() -> str:
+    """Why torchao's packed int4 layout cannot run here, or "" when it can (a CUDA GPU of
+    compute capability 8.0 or more: A100, L4, H100; not a T4)."""
+    if not torch.cuda.is_available():
+        return "it runs only on CUDA (the tinygemm kernel), and this machine has no GPU"
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        return f"it needs compute capability 8.0 or more (A100, L4, H100); this GPU has {major}.{minor}"
+    return ""
+
+
+def torchao_int4_packed(model: nn.Module, group: int = 32, filter_fn: Filter = linears) -> nn.Module:
+    """torchao ``Int4WeightOnlyConfig`` in the packed layout of CUDA's tinygemm kernel: two
+    4-bit codes per byte (see :func:`int4_packed_bytes`). The model must be bf16 and on a
+    CUDA GPU of compute capability 8.0 or more; elsewhere this raises a clear error."""
+    _check_model(model)
+    reason = int4_packed_unavailable()
+    if reason:
+        raise RuntimeError(
+            f"torchao's packed int4 layout is not available: {reason}. For packed 4-bit weights on any "
+            "device use bnb_linears(model, bits=4) (bitsandbytes NF4)."
+        )
+    if group not in INT4_PACKED_GROUPS:
+        raise ValueError(f"the packed int4 kernel takes group sizes {INT4_PACKED_GROUPS}, got {group!r}")
+    weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    if any(w.dtype != torch.bfloat16 or w.device.type != "cuda" for w in weights):
+        raise ValueError("the packed int4 kernel needs a bf16 model on the GPU: call model.to('cuda', torch.bfloat16)")
+    tq = torchao()
+    with quiet_imports():
+        config = tq.Int4WeightOnlyConfig(group_size=group, int4_packing_format="tile_packed_to_4d")
+        tq.quantize_(model, config, filter_fn=filter_fn)
+    return model
+
+
 def bnb_linears(model: nn.Module, bits: int, filter_fn: Filter = linears, blocksize: int = 64) -> nn.Module:
     """Replace the chosen ``nn.Linear`` layers by bitsandbytes layers.
 
