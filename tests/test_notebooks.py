@@ -66,6 +66,12 @@ def test_chapter_template(path):
     assert order == sorted(order), "objectives first, summary and further reading last"
     code = "\n".join(source(c) for c in cells if c["cell_type"] == "code")
     assert "assert " in code, "a chapter compares prediction and measurement with asserts"
+    boxes = [source(c) for c in cells if source(c).startswith("### The source articles, checked")]
+    assert len(boxes) == 1, f"{path.name} needs one 'The source articles, checked' box"
+    rows = [line for line in boxes[0].splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[0] == "| The article says | What this chapter measured | When the article is right |"
+    assert len(rows) > 1 and all(line.count(" | ") == 2 for line in rows), "each claim: said, measured, when right"
+    assert markdown.index("### The source articles, checked") < markdown.index("## Summary")
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=ids(NOTEBOOKS))
