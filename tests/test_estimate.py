@@ -199,6 +199,28 @@ def test_fused_adamw_is_adamw_without_the_foreach_temporary():
     foreach = dryrun(arch, batch=1, seq=16, recipe="fp32", optimizer="adamw")
     fused = dryrun(arch, batch=1, seq=16, recipe="fp32", optimizer="adamw-fused")
     assert foreach.end_breakdown["optimizer"] == fused.end_breakdown["optimizer"]
-    assert foreach.peak_bytes - fused.peak_bytes == 4 * foreach.params
+    assert foreach.first_step_peak_bytes - fused.first_step_peak_bytes == 4 * foreach.params
     est = estimate(arch, batch=1, seq=16, recipe="fp32", optimizer="adamw-fused")
-    assert est.peak_bytes == 16 * foreach.params
+    assert est.first_step_peak_bytes == 16 * foreach.params
+    # from the second step the end of backward is the peak: weights, gradients and state (16 B/param)
+    # beside the gradient of the embedding's output (4 bytes x hidden x tokens)
+    assert est.peak_moment == "end of backward" and est.peak_bytes == 16 * foreach.params + 4 * 4096 * 16
+    assert abs(fused.peak_bytes - est.peak_bytes) < 1024  # the dry run finds the same moment
+
+
+def test_steady_state_holds_the_optimizer_state_through_forward_and_backward():
+    """From the second step on, AdamW's 8 bytes per parameter are alive while activations
+    peak: the classic "OOM on the second iteration" (issue 12). Here the first step peaks at
+    its optimizer step and every later one at the start of backward, higher."""
+    arch = get_arch("llama-2-7b").with_(name="llama-2-7b/2 layers", num_layers=2)
+    setup = dict(batch=2, seq=4096, recipe="amp-bf16", optimizer="adamw")
+    dry, est = dryrun(arch, **setup), estimate(arch, **setup)
+    state = optimizer_state_bytes(arch, "adamw", "amp-bf16")  # 8 B/param (the dry run adds 4-byte step counts)
+    assert dry.first_step is not None and 0 <= dry.measurement.breakdown["optimizer"] - state < 1024
+    assert est.first_step_moment == "optimizer step" and est.peak_moment == "start of backward"
+    assert est.breakdown["optimizer"] == state and est.peak_bytes > 1.2 * est.first_step_peak_bytes
+    for got, want in ((est.peak_bytes, dry.peak_bytes), (est.first_step_peak_bytes, dry.first_step_peak_bytes)):
+        assert abs(got - want) < 0.03 * want
+    assert "steady-state peak" in str(est) and "first step" in str(est) and "first step" in str(dry)
+    sgd = estimate(arch, **{**setup, "optimizer": "sgd"})
+    assert sgd.peak_bytes == sgd.first_step_peak_bytes  # no state, nothing to carry over

@@ -93,6 +93,16 @@ def _table(obj: dict[str, Any]) -> str:
     lines.append(
         f"  {'peak':<12}{format_bytes(obj['peak_bytes']):>14}   ({obj['peak_bytes']:,} bytes; 1 GiB = 1024^3 bytes)"
     )
+    if obj.get("first_step_peak_bytes"):
+        lines.append(
+            f"  steady state: every step after the first, with the optimizer state alive throughout; "
+            f"the first step peaks at {format_bytes(obj['first_step_peak_bytes'])}"
+        )
+    if setup.optimizer == "adamw" and not setup.inference:
+        lines.append(
+            "  adamw is foreach, what torch.optim.AdamW runs on CUDA by default; the Hugging Face Trainer "
+            "uses the fused step: --optimizer adamw-fused"
+        )
     return "\n".join(lines)
 
 

@@ -31,6 +31,7 @@ from .results import result_json, too_large
 from .setups import ATTENTIONS, Setup
 from .storages import storage_bytes
 from .tracker import TimelinePoint
+from .units import format_bytes
 
 
 @dataclass
@@ -42,6 +43,7 @@ class DryRunResult:
     measurement: Measurement
     setup: Setup
     kv_cache_bytes: int = 0  # inference: bytes of the cache's storages after the prefill
+    first_step: Measurement | None = None  # training: the first step (``measurement`` is the second)
 
     @property
     def model(self) -> str:
@@ -67,12 +69,25 @@ class DryRunResult:
     def end_breakdown(self) -> dict[str, int]:
         return self.measurement.end_breakdown
 
+    @property
+    def first_step_peak_bytes(self) -> int:
+        """Training: the first step's peak (its forward and backward run before any optimizer
+        state exists); ``peak_bytes`` is the second step's, which every later step repeats."""
+        return self.first_step.peak_bytes if self.first_step is not None else self.peak_bytes
+
     def to_json(self) -> dict[str, Any]:
         """The object the CLI prints with --json (see :mod:`vramlab.results`)."""
-        return result_json(self, model=self.model, params=self.params, kv_cache_bytes=self.kv_cache_bytes)
+        extra = {"first_step_peak_bytes": self.first_step_peak_bytes} if self.first_step is not None else {}
+        return result_json(self, model=self.model, params=self.params, kv_cache_bytes=self.kv_cache_bytes, **extra)
 
     def __str__(self) -> str:
-        return f"{self.model}: {self.params:,} parameters; {self.setup.describe()}\n{self.measurement}"
+        text = f"{self.model}: {self.params:,} parameters; {self.setup.describe()}\n{self.measurement}"
+        if self.first_step is not None:
+            text += (
+                "\n  (the second step, which every later step repeats; the first step peaked at "
+                f"{format_bytes(self.first_step_peak_bytes)}, before the optimizer state existed)"
+            )
+        return text
 
 
 ATTENTION = "vramlab_causal_sdpa"
@@ -191,8 +206,10 @@ def dryrun(
     """Measure one step of ``model`` by dry run (fake tensors: no memory, exact sizes).
 
     ``setup`` is a :class:`Setup`; keyword arguments (``batch=4, recipe="amp-bf16"``, ...)
-    change its fields. Training (default): forward with labels (the loss in fp32, as
-    transformers computes it), backward, and one optimizer step. ``inference=True``: a
+    change its fields. Training (default): two steps of forward with labels (the loss in
+    fp32, as transformers computes it), backward and an optimizer step; the result is the
+    second step (the steady state: the optimizer state is alive from its start), with the
+    first step's peak in ``first_step_peak_bytes``. ``inference=True``: a
     prefill of ``seq`` tokens per sequence under ``torch.inference_mode`` that builds the KV
     cache and computes the logits of the last position (what ``generate`` does).
     ``timeline`` records live bytes after every op.
@@ -213,16 +230,17 @@ def dryrun(
         cache = 0
         try:
             ids = torch.randint(0, arch.vocab_size, (setup.batch, setup.seq))
+            first = None
             if setup.inference:
                 result, cache = _prefill(net, ids, rec, timeline)
             else:
-                result = _train_step(net, ids, rec, setup.optimizer, setup.checkpointing, timeline)
+                first, result = _train_step(net, ids, rec, setup.optimizer, setup.checkpointing, timeline)
         except RuntimeError as err:
             if "overflow" not in str(err):
                 raise
             raise too_large(f"{arch.name} with {setup.describe()}") from None
     result.setup = setup
-    return DryRunResult(arch, params, result, setup, cache)
+    return DryRunResult(arch, params, result, setup, cache, first)
 
 
 def realrun(model: str | ArchConfig, seed: int = 0, **setup: Any) -> DryRunResult:
@@ -256,21 +274,27 @@ def cache_tensors(cache: Any) -> Iterator[torch.Tensor]:
 
 def _train_step(
     net: torch.nn.Module, ids: torch.Tensor, rec: Recipe, optimizer: str, checkpointing: bool, timeline: bool
-) -> Measurement:
+) -> tuple[Measurement, Measurement]:
+    """Two training steps, each measured: the first (no optimizer state until its step) and
+    the second, which every later step repeats (the state is alive throughout)."""
     net.train()
     if checkpointing:
         _enable_checkpointing(net)
     opt = make_optimizer(optimizer, [p for p in net.parameters() if p.requires_grad])
-    with measure(net, opt, ids, timeline=timeline) as m:
-        with _autocast(rec):
-            loss = net(input_ids=ids, labels=ids, use_cache=False).loss
-        if rec.grad_scaler:
-            _scaled_backward_and_step(loss, net, opt)
-        else:
-            loss.backward()
-            opt.step()
-        del loss
-    return m
+    steps = []
+    for _ in range(2):
+        opt.zero_grad(set_to_none=True)
+        with measure(net, opt, ids, timeline=timeline) as m:
+            with _autocast(rec):
+                loss = net(input_ids=ids, labels=ids, use_cache=False).loss
+            if rec.grad_scaler:
+                _scaled_backward_and_step(loss, net, opt)
+            else:
+                loss.backward()
+                opt.step()
+            del loss
+        steps.append(m)
+    return steps[0], steps[1]
 
 
 def _enable_checkpointing(net: torch.nn.Module) -> None:

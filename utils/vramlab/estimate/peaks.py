@@ -22,6 +22,9 @@ class Estimate:
     ``breakdown`` splits the peak into parameters, gradients, optimizer, activations and
     other (16-bit weight copies, loss and optimizer temporaries, the KV cache in inference);
     ``moments`` is the total at each candidate moment of the step; the peak is the largest.
+    Training reports the *steady state*: every step after the first, when the optimizer
+    state is alive through forward and backward too. ``first_step_peak_bytes`` and
+    ``first_step_moment`` are the first step's (no state until its optimizer step).
     ``details`` holds what a special method adds to the :class:`Setup` (QLoRA's rank).
     """
 
@@ -35,6 +38,8 @@ class Estimate:
     kv_cache_bytes: int = 0
     details: dict[str, Any] = field(default_factory=dict)
     source: str = "formula"
+    first_step_peak_bytes: int = 0
+    first_step_moment: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """The object the CLI prints with --json (see :mod:`vramlab.results`)."""
@@ -46,15 +51,26 @@ class Estimate:
             moments=dict(self.moments),
             kv_cache_bytes=self.kv_cache_bytes,
             details=dict(self.details),
+            **(
+                dict(first_step_peak_bytes=self.first_step_peak_bytes, first_step_moment=self.first_step_moment)
+                if self.first_step_moment
+                else {}
+            ),
         )
 
     def __str__(self) -> str:
-        lines = [f"{self.model}: {self.params:,} parameters, {self.source} estimate, peak at {self.peak_moment}"]
+        when = "steady-state peak (every step after the first)" if self.first_step_moment else "peak"
+        lines = [f"{self.model}: {self.params:,} parameters, {self.source} estimate, {when} at {self.peak_moment}"]
         for role, value in self.breakdown.items():
             lines.append(f"  {role:<12}{format_bytes(value):>12}")
         if self.kv_cache_bytes:
             lines.append(f"  {'(KV cache)':<12}{format_bytes(self.kv_cache_bytes):>12}  (included in other)")
         lines.append(f"  {'peak':<12}{format_bytes(self.peak_bytes):>12}")
+        if self.first_step_moment:
+            lines.append(
+                f"  (first step: {format_bytes(self.first_step_peak_bytes)} at {self.first_step_moment}; "
+                "its forward and backward run before any optimizer state exists)"
+            )
         return "\n".join(lines)
 
 
@@ -89,7 +105,12 @@ def estimate(model: str | ArchConfig, setup: Setup | None = None, **changes: Any
     moments = (_inference_moments if setup.inference else _training_moments)(
         arch, batch, seq, rec, setup.optimizer, setup.checkpointing, setup.attention
     )
-    name = max(moments, key=lambda k: sum(moments[k].values()))
+    first: dict[str, Any] = {}
+    if not setup.inference:
+        first_name = _largest(moments)
+        first = dict(first_step_peak_bytes=sum(moments[first_name].values()), first_step_moment=first_name)
+        moments = steady_state(moments, optimizer_state_bytes(arch, setup.optimizer, rec.name))
+    name = _largest(moments)
     if sum(moments[name].values()) > MAX_BYTES:
         raise too_large(f"{arch.name} with {setup.describe()}")
     kv = kv_cache_bytes(arch, batch, seq, rec.name) if setup.inference else 0
@@ -102,7 +123,19 @@ def estimate(model: str | ArchConfig, setup: Setup | None = None, **changes: Any
         peak_moment=name,
         moments={k: sum(v.values()) for k, v in moments.items()},
         kv_cache_bytes=kv,
+        **first,
     )
+
+
+def _largest(moments: dict[str, dict[str, int]]) -> str:
+    return max(moments, key=lambda k: sum(moments[k].values()))
+
+
+def steady_state(moments: dict[str, dict[str, int]], state_bytes: int) -> dict[str, dict[str, int]]:
+    """The moments of every step after the first: the optimizer state (``state_bytes``)
+    created by the first optimizer step is alive through forward and backward as well.
+    (Gradients are not: ``zero_grad(set_to_none=True)`` frees them before the forward.)"""
+    return {k: v if v["optimizer"] else {**v, "optimizer": state_bytes} for k, v in moments.items()}
 
 
 def _training_moments(
