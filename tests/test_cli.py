@@ -118,3 +118,30 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
     monkeypatch.setattr(C, "_run", interrupted)
     assert main(["estimate", "gpt2"]) == 130
     assert capsys.readouterr().err.strip() == "vramlab: interrupted"
+
+
+def test_estimate_runs_without_importing_torch():
+    """The formulas need no tensors: `vramlab estimate` answers in a fraction of a second
+    because neither it nor `import vramlab` loads torch (issue 12)."""
+    code = (
+        "import sys, vramlab; from vramlab.cli import main; "
+        "main(['estimate', 'llama-2-7b', '--seq', '4096', '--json']); "
+        "assert 'torch' not in sys.modules, 'torch was imported'; "
+        "assert callable(vramlab.dryrun) and callable(vramlab.measure) and callable(vramlab.estimate)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["peak_bytes"] > 0
+
+
+def test_package_attributes_stay_functions_after_their_modules_are_imported():
+    import vramlab
+    import vramlab.budget
+    import vramlab.dryrun
+    import vramlab.estimate
+    import vramlab.measure
+
+    assert vramlab.dryrun.__name__ == "dryrun" and vramlab.estimate.__name__ == "estimate"
+    assert vramlab.measure.__name__ == "measure" and vramlab.budget.__name__ == "budget"
+    with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
+        vramlab.nonsense  # noqa: B018

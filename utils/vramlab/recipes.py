@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 RECIPES = ("fp32", "amp-bf16", "amp-fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw-fused", "adam", "sgd", "sgd-momentum", "adafactor", "adamw-8bit")
@@ -18,12 +20,31 @@ class Recipe:
 
     ``param_dtype``: the dtype the weights (and so gradients and optimizer states) are
     stored in; ``compute_dtype``: the dtype autocast runs matmuls in (None: no autocast).
+    Dtypes are kept by name, so the formulas run without importing torch; the properties
+    return torch dtypes for the code that builds tensors.
     """
 
     name: str
-    param_dtype: torch.dtype
-    compute_dtype: torch.dtype | None
+    param_name: str
+    compute_name: str | None
     grad_scaler: bool
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        import torch
+
+        return getattr(torch, self.param_name)
+
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        import torch
+
+        return getattr(torch, self.compute_name) if self.compute_name else None
+
+    @property
+    def autocast(self) -> bool:
+        """Whether the step runs under autocast (fp32 weights, 16-bit matrix products)."""
+        return self.compute_name is not None
 
     @property
     def activation_dtype(self) -> torch.dtype:
@@ -33,19 +54,20 @@ class Recipe:
     @property
     def param_bytes(self) -> int:
         """Bytes per weight, gradient and optimizer-state value (also the residual stream's)."""
-        return self.param_dtype.itemsize
+        return _ITEMSIZE[self.param_name]
 
     @property
     def compute_bytes(self) -> int:
         """Bytes per activation value of the matrix products."""
-        return self.activation_dtype.itemsize
+        return _ITEMSIZE[self.compute_name or self.param_name]
 
 
+_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 _RECIPES = {
-    "fp32": Recipe("fp32", torch.float32, None, False),
-    "amp-bf16": Recipe("amp-bf16", torch.float32, torch.bfloat16, False),
-    "amp-fp16": Recipe("amp-fp16", torch.float32, torch.float16, True),
-    "bf16": Recipe("bf16", torch.bfloat16, None, False),
+    "fp32": Recipe("fp32", "float32", None, False),
+    "amp-bf16": Recipe("amp-bf16", "float32", "bfloat16", False),
+    "amp-fp16": Recipe("amp-fp16", "float32", "float16", True),
+    "bf16": Recipe("bf16", "bfloat16", None, False),
 }
 
 

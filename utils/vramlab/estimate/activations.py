@@ -47,7 +47,7 @@ def _gpt2_layer(arch: ArchConfig, rec: Recipe, attention: str, seq: int) -> list
 def _llama_layer(arch: ArchConfig, rec: Recipe, attention: str, seq: int) -> list[Term]:
     c, h, i = rec.compute_bytes, arch.hidden_size, arch.intermediate_size
     kvh = arch.num_kv_heads * arch.head_dim
-    amp = rec.compute_dtype is not None
+    amp = rec.autocast
     repeated = attention == "eager" and kvh != h  # eager attention repeats k and v per head
     kv_saved = h if repeated else kvh
     norm_out = (

@@ -142,7 +142,7 @@ def _training_moments(
     arch: ArchConfig, batch: int, seq: int, rec: Recipe, optimizer: str, checkpointing: bool, attention: str
 ) -> dict[str, dict[str, int]]:
     tokens, v, h = batch * seq, arch.vocab_size, arch.hidden_size
-    p, c, amp = rec.param_bytes, rec.compute_bytes, rec.compute_dtype is not None
+    p, c, amp = rec.param_bytes, rec.compute_bytes, rec.autocast
     params = param_count(arch)
     weights = grads = params * p
     copies = 2 * matmul_param_count(arch) if amp else 0
@@ -194,7 +194,7 @@ def _block_backward_moments(
     most activations still saved) and at the first block (processed last, with nearly all
     gradients present)."""
     tokens, v, h, i = batch * seq, arch.vocab_size, arch.hidden_size, arch.intermediate_size
-    p, c, amp = rec.param_bytes, rec.compute_bytes, rec.compute_dtype is not None
+    p, c, amp = rec.param_bytes, rec.compute_bytes, rec.autocast
     groups = param_counts_by_part(arch)
     block_params = (groups["attention"] + groups["mlp"]) // arch.num_layers
     head_grad = p * v * h if not arch.tie_embeddings else 0
@@ -246,7 +246,7 @@ def kv_cache_bytes(model: str | ArchConfig, batch: int, seq: int, recipe: str = 
     arch = get_arch(model)
     check_positive(batch=batch, seq=seq)
     rec = get_recipe(recipe)
-    key_bytes = 4 if (rec.compute_dtype is not None and arch.family != "gpt2") else rec.compute_bytes
+    key_bytes = 4 if (rec.autocast and arch.family != "gpt2") else rec.compute_bytes
     return kv_cache_bytes_classic(arch.num_layers, arch.num_kv_heads, arch.head_dim, seq, batch, key_bytes)
 
 
@@ -269,7 +269,7 @@ def _inference_moments(
     autocast, one 16-bit copy of an MLP weight at a time.
     """
     tokens, h, i = batch * seq, arch.hidden_size, arch.intermediate_size
-    p, c, amp = rec.param_bytes, rec.compute_bytes, rec.compute_dtype is not None
+    p, c, amp = rec.param_bytes, rec.compute_bytes, rec.autocast
     weights = param_count(arch) * p
     kv = kv_cache_bytes(arch, batch, seq, rec.name) + rotary_bytes(arch, rec.name, seq)
     r = rec.param_bytes  # residual stream dtype
