@@ -145,3 +145,15 @@ def test_package_attributes_stay_functions_after_their_modules_are_imported():
     assert vramlab.measure.__name__ == "measure" and vramlab.budget.__name__ == "budget"
     with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
         vramlab.nonsense  # noqa: B018
+
+
+def test_dryrun_prints_no_warnings_on_stderr():
+    """Importing transformers pulls in torchao, whose missing GPU kernels and deprecations
+    print on a CPU machine; a dry run silences its imports (issue 12)."""
+    out = subprocess.run(
+        [sys.executable, "-c", "from vramlab.cli import main; main(['dryrun', 'llama-2-7b', '--seq', '64'])"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0 and "steady state" in out.stdout
+    assert out.stderr == ""

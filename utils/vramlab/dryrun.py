@@ -123,7 +123,11 @@ def build_hf_model(arch: ArchConfig, dtype: torch.dtype = torch.float32, attenti
         raise ValueError(f"unknown attention {attention!r}; use one of {', '.join(ATTENTIONS)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    import transformers
+    from .quantize import quiet_imports
+
+    with quiet_imports():  # transformers pulls in torchao, whose missing GPU kernels print on a CPU machine
+        import transformers
+        from transformers import AttentionInterface  # noqa: F401 - the lazy module's imports, silenced here
 
     _register_causal_sdpa()
     common = dict(vocab_size=arch.vocab_size, tie_word_embeddings=arch.tie_embeddings)
