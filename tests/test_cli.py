@@ -157,3 +157,40 @@ def test_dryrun_prints_no_warnings_on_stderr():
     )
     assert out.returncode == 0 and "steady state" in out.stdout
     assert out.stderr == ""
+
+
+@pytest.mark.parametrize(
+    ("model", "gpu", "extra"),
+    [("gpt2", "16GB", []), ("qwen2.5-0.5b", "24GiB", ["--recipe", "amp-bf16", "--seq", "2048"]),
+     ("llama-2-7b", "80GiB", ["--inference", "--recipe", "bf16", "--seq", "4096"])],
+)
+def test_fit_answers_the_largest_batch_whose_steady_state_fits(model, gpu, extra, capsys):
+    from vramlab import estimate
+    from vramlab.hardware import CONTEXT_HEADROOM
+    from vramlab.units import parse_bytes
+
+    assert main(["fit", model, "--gpu", gpu, "--json", *extra]) == 0
+    out = json.loads(capsys.readouterr().out)
+    setup = {k: v for k, v in out["setup"].items() if k != "batch"}
+    batch, room = out["largest_batch"], parse_bytes(gpu) - CONTEXT_HEADROOM
+    assert batch >= 1 and out["gpu_bytes"] == parse_bytes(gpu)
+    assert estimate(model, batch=batch, **setup).peak_bytes <= room < estimate(model, batch=batch + 1, **setup).peak_bytes
+
+
+def test_fit_names_the_first_recipe_when_batch_1_does_not_fit(capsys):
+    from vramlab.hardware import CONTEXT_HEADROOM
+    from vramlab.planner import first_fit
+
+    assert main(["fit", "llama-2-7b", "--gpu", "24GiB", "--seq", "2048", "--recipe", "amp-bf16", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    plan = first_fit("llama-2-7b", 24 * 2**30, seq=2048, headroom=CONTEXT_HEADROOM)
+    assert out["largest_batch"] == 0 and out["plan"]["devices"] == plan.devices == 4
+    assert main(["fit", "llama-2-7b", "--gpu", "24GiB", "--seq", "2048"]) == 0
+    assert "ZeRO-3 + 8-bit AdamW + ckpt x4" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("gpu", "words"), [("16G", "ambiguous"), ("0GiB", "more than 0 bytes"), ("lots", "")])
+def test_fit_refuses_unclear_gpu_sizes_in_one_line(gpu, words, capsys):
+    assert main(["fit", "gpt2", "--gpu", gpu]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vramlab: error:") and words in err and len(err.strip().splitlines()) == 1

@@ -3,6 +3,7 @@
     vramlab models
     vramlab estimate llama-2-7b --batch 1 --seq 4096 --recipe amp-bf16 [--json]
     vramlab dryrun   llama-2-7b --batch 1 --seq 4096 --recipe amp-bf16 [--json]
+    vramlab fit      llama-2-7b --gpu 80GiB --seq 2048 --recipe amp-bf16 [--json]
 
 ``--inference`` means a prefill of ``--seq`` tokens per sequence that builds the KV cache,
 under ``torch.inference_mode``; without it, one full training step (forward, backward,
@@ -35,8 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (
         ("estimate", "closed-form estimate (instant)"),
         ("dryrun", "exact allocation trace on fake tensors"),
+        ("fit", "the largest batch that fits a GPU (formula), or the first recipe that does"),
     ):
         cmd = sub.add_parser(name, help=text)
+        if name == "fit":
+            cmd.add_argument("--gpu", required=True, help="the card's memory, e.g. 24GiB or 80GB (1 GB = 10^9 bytes)")
         cmd.add_argument("model", nargs="?", help=f"a registry name: {', '.join(REGISTRY)}")
         cmd.add_argument("--config", help="a Hugging Face config.json instead of a registry name")
         cmd.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
@@ -77,6 +81,11 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         from .estimate import estimate
 
         return estimate(arch, setup).to_json()
+    if args.command == "fit":
+        from .fit import largest_batch
+        from .units import parse_bytes
+
+        return {"text": str(fit := largest_batch(arch, parse_bytes(args.gpu), setup)), **fit.to_json()}
     from .dryrun import dryrun
 
     return dryrun(arch, setup).to_json()
@@ -133,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vramlab: interrupted", file=sys.stderr)
         return 130
-    print(json.dumps(obj, indent=2) if args.json else _table(obj))
+    text = obj.pop("text", None)
+    print(json.dumps(obj, indent=2) if args.json else text or _table(obj))
     return 0
 
 
