@@ -161,8 +161,11 @@ def test_dryrun_prints_no_warnings_on_stderr():
 
 @pytest.mark.parametrize(
     ("model", "gpu", "extra"),
-    [("gpt2", "16GB", []), ("qwen2.5-0.5b", "24GiB", ["--recipe", "amp-bf16", "--seq", "2048"]),
-     ("llama-2-7b", "80GiB", ["--inference", "--recipe", "bf16", "--seq", "4096"])],
+    [
+        ("gpt2", "16GB", []),
+        ("qwen2.5-0.5b", "24GiB", ["--recipe", "amp-bf16", "--seq", "2048"]),
+        ("llama-2-7b", "80GiB", ["--inference", "--recipe", "bf16", "--seq", "4096"]),
+    ],
 )
 def test_fit_answers_the_largest_batch_whose_steady_state_fits(model, gpu, extra, capsys):
     from vramlab import estimate
@@ -174,7 +177,8 @@ def test_fit_answers_the_largest_batch_whose_steady_state_fits(model, gpu, extra
     setup = {k: v for k, v in out["setup"].items() if k != "batch"}
     batch, room = out["largest_batch"], parse_bytes(gpu) - CONTEXT_HEADROOM
     assert batch >= 1 and out["gpu_bytes"] == parse_bytes(gpu)
-    assert estimate(model, batch=batch, **setup).peak_bytes <= room < estimate(model, batch=batch + 1, **setup).peak_bytes
+    fits, too_big = (estimate(model, batch=b, **setup).peak_bytes for b in (batch, batch + 1))
+    assert fits <= room < too_big
 
 
 def test_fit_names_the_first_recipe_when_batch_1_does_not_fit(capsys):
