@@ -48,7 +48,7 @@ dist: $(STAMP)  # a wheel an instructor can upload to Colab beside the notebooks
 	@ls dist/*.whl
 
 bench: $(STAMP)
-	$(BIN)/python bench/estimate_accuracy.py
+	$(BIN)/python bench/estimate_accuracy.py --write
 
 clean:
 	rm -rf $(VENV) .pytest_cache dist build

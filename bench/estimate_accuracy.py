@@ -1,6 +1,8 @@
 """How close is the closed-form estimate to the dry run? And what does a 7B dry run cost?
 
-    python bench/estimate_accuracy.py            # prints a Markdown table (the README has a copy)
+    python bench/estimate_accuracy.py            # prints a Markdown table
+    python bench/estimate_accuracy.py --write    # also writes bench/estimate_accuracy.md and the README's copy
+                                                 # (between <!-- bench --> and <!-- /bench -->); `make bench`
 
 For each configuration it prints the formula's peak, the dry run's peak and the relative
 error; training peaks are the steady state (the second step, with the optimizer state alive
@@ -16,6 +18,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from vramlab import dryrun, estimate, get_arch
 from vramlab.units import format_bytes
@@ -87,8 +90,8 @@ def cost_of_7b_dry_run() -> tuple[float, float]:
 
 
 def main() -> int:
-    print("| model | set-up | kind | formula | dry run | error | first step: formula | dry run | error |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    out("| model | set-up | kind | formula | dry run | error | first step: formula | dry run | error |")
+    out("|---|---|---|---:|---:|---:|---:|---:|---:|")
     worst = {"training": 0.0, "inference": 0.0}
     for model, setup in GRID:
         kind = "inference" if setup.get("inference") else "training"
@@ -104,28 +107,51 @@ def main() -> int:
             )
         worst[kind] = max(worst[kind], err)
         name = model if isinstance(model, str) else model.name
-        print(
+        out(
             f"| {name} | {describe(setup)} | {kind} | {format_bytes(est.peak_bytes)} "
             f"| {format_bytes(dry.peak_bytes)} | {err:.2%} {first}"
         )
-    print()
+    out()
     ok = True
     for kind, target in TARGETS.items():
         met = worst[kind] <= target
         ok &= met
-        print(f"worst {kind} error: {worst[kind]:.2%} (target {target:.0%}: {'met' if met else 'MISSED'})")
+        out(f"worst {kind} error: {worst[kind]:.2%} (target {target:.0%}: {'met' if met else 'MISSED'})")
     seconds, rss = cost_of_7b_dry_run()
     met = seconds < 10 and rss < 1024
     ok &= met
-    print(
+    out(
         f"Llama-2-7B training-step dry run: {seconds:.1f} s, peak RSS {rss:.0f} MiB, imports included "
         f"(target under 10 s and 1 GiB: {'met' if met else 'MISSED'})"
     )
     return 0 if ok else 1
 
 
+LINES: list[str] = []
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def out(line: str = "") -> None:
+    """Print a line of the report and keep it for --write."""
+    print(line)
+    LINES.append(line)
+
+
+def write() -> None:
+    """The report to bench/estimate_accuracy.md; its table and summary into the README."""
+    (ROOT / "bench" / "estimate_accuracy.md").write_text("\n".join(LINES) + "\n")
+    table = [line for line in LINES if line.startswith("|")]
+    summary = [line for line in LINES if line.startswith(("worst", "Llama-2-7B"))]
+    block = "\n".join(["<!-- bench -->", *table, "", *("- " + line for line in summary), "<!-- /bench -->"])
+    readme = (ROOT / "README.md").read_text()
+    start, end = readme.index("<!-- bench -->"), readme.index("<!-- /bench -->") + len("<!-- /bench -->")
+    (ROOT / "README.md").write_text(readme[:start] + block + readme[end:])
+
+
 if __name__ == "__main__":
     start = time.time()
     code = main()
-    print(f"(bench ran in {time.time() - start:.0f} s)")
+    out(f"(bench ran in {time.time() - start:.0f} s)")
+    if "--write" in sys.argv[1:]:
+        write()
     raise SystemExit(code)
