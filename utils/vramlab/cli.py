@@ -17,7 +17,7 @@ import json
 import sys
 from typing import Any, NoReturn
 
-from .models import REGISTRY, from_hf_config, get_arch
+from .models import REGISTRY, get_arch, load_config
 from .recipes import OPTIMIZERS, RECIPES
 from .results import ROLES
 from .setups import ATTENTIONS, Setup
@@ -60,7 +60,7 @@ def _arch(args: argparse.Namespace) -> Any:
     if args.config and args.model:
         raise ValueError("give a model name or --config, not both")
     if args.config:
-        return from_hf_config(args.config)
+        return load_config(args.config)
     if not args.model:
         raise ValueError("name a model (see 'vramlab models') or pass --config config.json")
     return get_arch(args.model)
@@ -102,6 +102,10 @@ def _table(obj: dict[str, Any]) -> str:
     lines.append(
         f"  {'peak':<12}{format_bytes(obj['peak_bytes']):>14}   ({obj['peak_bytes']:,} bytes; 1 GiB = 1024^3 bytes)"
     )
+    if obj.get("details", {}).get("model_type"):
+        from .anymodel import describe
+
+        lines.insert(2, "  " + describe(obj["details"]))
     if obj.get("first_step_peak_bytes"):
         lines.append(
             f"  steady state: every step after the first, with the optimizer state alive throughout; "

@@ -24,8 +24,9 @@ from typing import Any
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from . import anymodel
 from .measure import Measurement, measure
-from .models import ArchConfig, check_positions, get_arch
+from .models import ArchConfig, HFModel, check_positions, get_arch
 from .recipes import Recipe, check_optimizer, check_positive, get_recipe
 from .results import result_json, too_large
 from .setups import ATTENTIONS, Setup
@@ -38,12 +39,13 @@ from .units import format_bytes
 class DryRunResult:
     """A dry-run measurement with the set-up that produced it. Sizes in bytes."""
 
-    arch: ArchConfig
+    arch: ArchConfig | HFModel
     params: int
     measurement: Measurement
     setup: Setup
     kv_cache_bytes: int = 0  # inference: bytes of the cache's storages after the prefill
     first_step: Measurement | None = None  # training: the first step (``measurement`` is the second)
+    details: dict[str, Any] | None = None  # a config without a formula: its model type, attention, experts
 
     @property
     def model(self) -> str:
@@ -77,11 +79,15 @@ class DryRunResult:
 
     def to_json(self) -> dict[str, Any]:
         """The object the CLI prints with --json (see :mod:`vramlab.results`)."""
-        extra = {"first_step_peak_bytes": self.first_step_peak_bytes} if self.first_step is not None else {}
+        extra: dict[str, Any] = {"first_step_peak_bytes": self.first_step_peak_bytes} if self.first_step else {}
+        if self.details:
+            extra["details"] = dict(self.details)
         return result_json(self, model=self.model, params=self.params, kv_cache_bytes=self.kv_cache_bytes, **extra)
 
     def __str__(self) -> str:
         text = f"{self.model}: {self.params:,} parameters; {self.setup.describe()}\n{self.measurement}"
+        if self.details:
+            text += "\n  " + anymodel.describe(self.details)
         if self.first_step is not None:
             text += (
                 "\n  (the second step, which every later step repeats; the first step peaked at "
@@ -101,8 +107,11 @@ def _register_causal_sdpa() -> None:
     materialise a (batch, 1, seq, seq) mask that a real run never has; this registration
     (through its public ``AttentionInterface``) restores the real run's behaviour.
     """
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from .quantize import quiet_imports
+
+    with quiet_imports():
+        from transformers import AttentionInterface, AttentionMaskInterface
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     def no_mask(*args: Any, **kwargs: Any) -> None:
         return None
@@ -205,7 +214,12 @@ def _autocast(recipe: Recipe) -> contextlib.AbstractContextManager:
 
 
 def dryrun(
-    model: str | ArchConfig, setup: Setup | None = None, *, timeline: bool = False, _fake: bool = True, **changes: Any
+    model: str | ArchConfig | HFModel,
+    setup: Setup | None = None,
+    *,
+    timeline: bool = False,
+    _fake: bool = True,
+    **changes: Any,
 ) -> DryRunResult:
     """Measure one step of ``model`` by dry run (fake tensors: no memory, exact sizes).
 
@@ -218,33 +232,47 @@ def dryrun(
     cache and computes the logits of the last position (what ``generate`` does).
     ``timeline`` records live bytes after every op.
     """
-    arch = get_arch(model)
     setup = Setup.of(setup, **changes)
     rec = get_recipe(setup.recipe)
-    check_positions(arch, setup.seq)
     if _fake and not setup.inference and setup.optimizer in ("adafactor", "adamw-8bit"):
         raise ValueError(
             f"{setup.optimizer} has no dry-run path (its step reads values with .item() or runs kernels "
             "that fake tensors cannot run). Use `vramlab estimate`, or measure a small model for "
             "real with vramlab.dryrun.realrun."
         )
+    if isinstance(model, HFModel):
+        target: ArchConfig | HFModel = model
+        vocab = anymodel.check_setup(model, setup)
+    else:
+        target = arch = get_arch(model)
+        check_positions(arch, setup.seq)
+        vocab = arch.vocab_size
+    details = None
     with FakeTensorMode(allow_non_fake_inputs=False) if _fake else contextlib.nullcontext():
-        net = build_hf_model(arch, rec.param_dtype, setup.attention)
+        if isinstance(target, HFModel):
+            _register_causal_sdpa()
+            net, details = anymodel.build(target, rec.param_dtype, setup.attention, ATTENTION)
+        else:
+            net = build_hf_model(target, rec.param_dtype, setup.attention)
         params = sum(p.numel() for p in net.parameters())
         cache = 0
         try:
-            ids = torch.randint(0, arch.vocab_size, (setup.batch, setup.seq))
+            ids = torch.randint(0, vocab, (setup.batch, setup.seq))
             first = None
             if setup.inference:
                 result, cache = _prefill(net, ids, rec, timeline)
             else:
                 first, result = _train_step(net, ids, rec, setup.optimizer, setup.checkpointing, timeline)
         except RuntimeError as err:
-            if "overflow" not in str(err):
-                raise
-            raise too_large(f"{arch.name} with {setup.describe()}") from None
+            if "overflow" in str(err):
+                raise too_large(f"{target.name} with {setup.describe()}") from None
+            if isinstance(target, HFModel):  # the config's own class failed: say so in one line
+                first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                what = f"{target.name}: transformers' {target.model_type} model fails on it"
+                raise ValueError(f"{what}: {first_line}") from None
+            raise
     result.setup = setup
-    return DryRunResult(arch, params, result, setup, cache, first)
+    return DryRunResult(target, params, result, setup, cache, first, details)
 
 
 def realrun(model: str | ArchConfig, seed: int = 0, **setup: Any) -> DryRunResult:

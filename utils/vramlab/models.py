@@ -122,10 +122,33 @@ REGISTRY: dict[str, ArchConfig] = {
 }
 
 
-def get_arch(name_or_config: str | ArchConfig) -> ArchConfig:
+@dataclass(frozen=True)
+class HFModel:
+    """A Hugging Face ``config.json`` of a model type that vramlab's formula does not cover
+    (Gemma, Phi-3, Qwen3, OLMo-2, Falcon, GPT-NeoX, Mixtral and other MoE, ...). A dry run
+    builds the config's own transformers class from it; :func:`vramlab.estimate` refuses it."""
+
+    name: str
+    model_type: str
+    config: dict[str, Any]
+    source: str = ""
+
+
+def no_formula(model: HFModel) -> ValueError:
+    """The error for a formula asked about a model type it does not model."""
+    return ValueError(
+        f"vramlab has no formula for model_type {model.model_type!r} (the formula covers {', '.join(FAMILIES)}); "
+        "`vramlab dryrun --config ...` (vramlab.dryrun) measures it by building transformers' own class "
+        "(dry run; no formula)"
+    )
+
+
+def get_arch(name_or_config: str | ArchConfig | HFModel) -> ArchConfig:
     """Look up an architecture by registry name (case-insensitive), or pass one through."""
     if isinstance(name_or_config, ArchConfig):
         return name_or_config
+    if isinstance(name_or_config, HFModel):
+        raise no_formula(name_or_config)
     key = str(name_or_config).strip().lower()
     if key in REGISTRY:
         return REGISTRY[key]
@@ -183,6 +206,22 @@ def from_hf_config(source: str | Path | dict[str, Any], name: str | None = None)
     )
 
 
+def load_config(source: str | Path | dict[str, Any], name: str | None = None) -> ArchConfig | HFModel:
+    """A ``config.json`` as an :class:`ArchConfig` when its model type is one the formula
+    models (every shape field read, the rest refused, see :func:`from_hf_config`), else as an
+    :class:`HFModel` for a dry run of transformers' own class."""
+    data, default_name = _read_config(source)
+    model_type = data.get("model_type")
+    if isinstance(model_type, str) and model_type.lower() not in FAMILIES:
+        return HFModel(
+            name=name or str(data.get("_name_or_path") or default_name),
+            model_type=model_type,
+            config=dict(data),
+            source=str(source) if not isinstance(source, dict) else "dict",
+        )
+    return from_hf_config(source, name)
+
+
 def _read_config(source: str | Path | dict[str, Any]) -> tuple[dict[str, Any], str]:
     if isinstance(source, dict):
         return source, "custom"
@@ -197,7 +236,7 @@ def _read_config(source: str | Path | dict[str, Any]) -> tuple[dict[str, Any], s
         raise ValueError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} holds a JSON {type(data).__name__}, not the object a config.json holds")
-    return data, path.parent.name or path.stem
+    return data, (path.parent.name or path.stem) if path.stem == "config" else path.stem
 
 
 class _ConfigFields:

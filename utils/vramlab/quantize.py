@@ -26,7 +26,7 @@ Filter = Callable[[nn.Module, str], bool]
 def quiet_imports() -> Iterator[None]:
     """Silence the import-time chatter of torchao/bitsandbytes (missing GPU kernels on a
     CPU machine, deprecation notes); real errors still raise."""
-    names = ["torchao", "bitsandbytes", "torch.utils._pytree"]
+    names = ["torchao", "bitsandbytes", "torch.utils._pytree", "transformers"]
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
