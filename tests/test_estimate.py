@@ -224,3 +224,25 @@ def test_steady_state_holds_the_optimizer_state_through_forward_and_backward():
     assert "steady-state peak" in str(est) and "first step" in str(est) and "first step" in str(dry)
     sgd = estimate(arch, **{**setup, "optimizer": "sgd"})
     assert sgd.peak_bytes == sgd.first_step_peak_bytes  # no state, nothing to carry over
+
+
+def test_which_user_code_a_number_models_keep_outputs_and_full_logits():
+    """The default models `loss = model(...).loss` and generate's last-position prefill; a loop
+    that keeps `outputs` holds one more logits tensor, and a plain forward computes every
+    position's logits. Dry runs measure both; the formula refuses them (issue 12)."""
+    arch = get_arch("llama-2-7b").with_(name="llama-2-7b/2 layers", num_layers=2)
+    train = dict(batch=2, seq=512, recipe="amp-bf16")
+    plain, kept = dryrun(arch, **train), dryrun(arch, **train, keep_outputs=True)
+    assert kept.peak_bytes - plain.peak_bytes == 2 * 512 * 32000 * 2  # one bf16 logits tensor (autocast)
+    assert "outputs kept between steps" in str(kept)
+    big_vocab = get_arch("llama-3-8b").with_(name="llama-3-8b/2 layers", num_layers=2)  # 128,256 tokens
+    infer = dict(batch=2, seq=512, recipe="bf16", inference=True)
+    last, full = dryrun(big_vocab, **infer), dryrun(big_vocab, **infer, full_logits=True)
+    assert 0 < full.peak_bytes - last.peak_bytes <= 2 * 512 * 128256 * 2  # at most every position's bf16 logits
+    for bad in (dict(keep_outputs=True), dict(inference=True, full_logits=True)):
+        with pytest.raises(ValueError, match="dry run only"):
+            estimate(arch, **bad)
+    with pytest.raises(ValueError, match="training loop"):
+        dryrun(arch, inference=True, keep_outputs=True)
+    with pytest.raises(ValueError, match="inference forward"):
+        dryrun(arch, full_logits=True)

@@ -52,6 +52,14 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument(
             "--inference", action="store_true", help="a prefill that builds the KV cache, not a training step"
         )
+        cmd.add_argument(
+            "--keep-outputs",
+            action="store_true",
+            help="training: the loop keeps `outputs = model(...)` (its logits) until the next step",
+        )
+        cmd.add_argument(
+            "--full-logits", action="store_true", help="inference: logits at every position (a plain forward)"
+        )
         cmd.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
@@ -76,6 +84,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         checkpointing=args.checkpointing,
         inference=args.inference,
         attention=args.attention,
+        keep_outputs=args.keep_outputs,
+        full_logits=args.full_logits,
     )
     if args.command == "estimate":
         from .estimate import estimate

@@ -260,9 +260,9 @@ def dryrun(
             ids = torch.randint(0, vocab, (setup.batch, setup.seq))
             first = None
             if setup.inference:
-                result, cache = _prefill(net, ids, rec, timeline)
+                result, cache = _prefill(net, ids, rec, timeline, setup.full_logits)
             else:
-                first, result = _train_step(net, ids, rec, setup.optimizer, setup.checkpointing, timeline)
+                first, result = _train_step(net, ids, rec, setup, timeline)
         except RuntimeError as err:
             if "overflow" in str(err):
                 raise too_large(f"{target.name} with {setup.describe()}") from None
@@ -283,11 +283,15 @@ def realrun(model: str | ArchConfig, seed: int = 0, **setup: Any) -> DryRunResul
     return dryrun(model, **setup, _fake=False)
 
 
-def _prefill(net: torch.nn.Module, ids: torch.Tensor, rec: Recipe, timeline: bool) -> tuple[Measurement, int]:
+def _prefill(
+    net: torch.nn.Module, ids: torch.Tensor, rec: Recipe, timeline: bool, full_logits: bool = False
+) -> tuple[Measurement, int]:
+    """A prefill that builds the KV cache: the last position's logits (what ``generate``
+    computes), or every position's with ``full_logits`` (a plain ``model(input_ids)``)."""
     net.eval()
     meter = measure(net, ids, timeline=timeline)
     with meter as m, torch.inference_mode(), _autocast(rec):
-        out = net(input_ids=ids, use_cache=True, logits_to_keep=1)
+        out = net(input_ids=ids, use_cache=True, logits_to_keep=0 if full_logits else 1)
         cache = list(cache_tensors(out.past_key_values))
         meter.tracker.register(cache, role="other")
         cache_bytes = storage_bytes(cache)
@@ -305,20 +309,28 @@ def cache_tensors(cache: Any) -> Iterator[torch.Tensor]:
 
 
 def _train_step(
-    net: torch.nn.Module, ids: torch.Tensor, rec: Recipe, optimizer: str, checkpointing: bool, timeline: bool
+    net: torch.nn.Module, ids: torch.Tensor, rec: Recipe, setup: Setup, timeline: bool
 ) -> tuple[Measurement, Measurement]:
     """Two training steps, each measured: the first (no optimizer state until its step) and
-    the second, which every later step repeats (the state is alive throughout)."""
+    the second, which every later step repeats (the state is alive throughout). With
+    ``setup.keep_outputs`` the loop holds ``outputs = model(...)``: the previous step's
+    outputs live until the new forward returns, the new ones through backward and the step."""
     net.train()
-    if checkpointing:
+    if setup.checkpointing:
         _enable_checkpointing(net)
-    opt = make_optimizer(optimizer, [p for p in net.parameters() if p.requires_grad])
-    steps = []
+    opt = make_optimizer(setup.optimizer, [p for p in net.parameters() if p.requires_grad])
+    steps, outputs = [], None
     for _ in range(2):
         opt.zero_grad(set_to_none=True)
-        with measure(net, opt, ids, timeline=timeline) as m:
+        kept = [] if outputs is None else [outputs.logits]
+        with measure(net, opt, ids, *kept, timeline=timeline) as m:
+            del kept
             with _autocast(rec):
-                loss = net(input_ids=ids, labels=ids, use_cache=False).loss
+                if setup.keep_outputs:
+                    outputs = net(input_ids=ids, labels=ids, use_cache=False)  # the old outputs die here
+                    loss = outputs.loss
+                else:
+                    loss = net(input_ids=ids, labels=ids, use_cache=False).loss
             if rec.grad_scaler:
                 _scaled_backward_and_step(loss, net, opt)
             else:

@@ -24,6 +24,11 @@ class Setup:
         checkpointing: one activation checkpoint per block (training only).
         inference: a prefill instead of a training step.
         attention: "sdpa" (fused, no s x s scores kept) or "eager" (scores materialised).
+        keep_outputs: training only. The caller keeps ``outputs = model(...)`` (so its logits)
+            alive from one step to the next, as ``outputs = model(**batch); loss =
+            outputs.loss`` loops do; the default models ``loss = model(...).loss``.
+        full_logits: inference only. A plain forward that computes logits at every position;
+            the default models ``generate``'s prefill, which computes the last position's.
 
     Names are normalised (``"AMP-BF16"`` becomes ``"amp-bf16"``); a bad value raises a
     ``ValueError`` that lists the valid ones.
@@ -36,14 +41,20 @@ class Setup:
     checkpointing: bool = False
     inference: bool = False
     attention: str = "sdpa"
+    keep_outputs: bool = False
+    full_logits: bool = False
 
     def __post_init__(self) -> None:
         check_positive(batch=self.batch, seq=self.seq)
         object.__setattr__(self, "recipe", get_recipe(self.recipe).name)
         object.__setattr__(self, "optimizer", check_optimizer(self.optimizer))
-        for name in ("checkpointing", "inference"):
+        for name in ("checkpointing", "inference", "keep_outputs", "full_logits"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.keep_outputs and self.inference:
+            raise ValueError("keep_outputs describes a training loop; for inference use full_logits")
+        if self.full_logits and not self.inference:
+            raise ValueError("full_logits describes an inference forward; for training use keep_outputs")
         attention = str(self.attention).lower()
         if attention not in ATTENTIONS:
             raise ValueError(f"unknown attention {self.attention!r}; use one of {', '.join(ATTENTIONS)}")
@@ -68,9 +79,12 @@ class Setup:
         """One line, e.g. ``training step, batch 4, seq 2048, amp-bf16, adamw (foreach), checkpointing``:
         the optimizer says which implementation was modelled (foreach or fused)."""
         if self.inference:
-            return f"prefill (inference), batch {self.batch}, seq {self.seq}, {self.recipe}, {self.attention} attention"
+            kind = "forward with logits at every position" if self.full_logits else "prefill"
+            return f"{kind} (inference), batch {self.batch}, seq {self.seq}, {self.recipe}, {self.attention} attention"
         optimizer = {"adamw": "adamw (foreach)", "adam": "adam (foreach)"}.get(self.optimizer, self.optimizer)
         return (
             f"training step, batch {self.batch}, seq {self.seq}, {self.recipe}, {optimizer}, "
-            f"{self.attention} attention" + (", checkpointing" if self.checkpointing else "")
+            f"{self.attention} attention"
+            + (", checkpointing" if self.checkpointing else "")
+            + (", outputs kept between steps" if self.keep_outputs else "")
         )

@@ -96,6 +96,12 @@ def estimate(model: str | ArchConfig, setup: Setup | None = None, **changes: Any
     setup = Setup.of(setup, **changes)
     check_positions(arch, setup.seq)
     rec = get_recipe(setup.recipe)
+    if setup.keep_outputs or setup.full_logits:
+        raise ValueError(
+            "the formula models `loss = model(...).loss` in training and generate's last-position prefill in "
+            "inference; keep_outputs and full_logits are measured by dry run only (`vramlab dryrun "
+            "--keep-outputs` / `--full-logits`)"
+        )
     if setup.inference and setup.attention == "eager":
         raise ValueError(
             "the inference estimate models fused (SDPA) attention only; for eager attention "
