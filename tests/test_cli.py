@@ -198,3 +198,46 @@ def test_fit_refuses_unclear_gpu_sizes_in_one_line(gpu, words, capsys):
     assert main(["fit", "gpt2", "--gpu", gpu]) == 2
     err = capsys.readouterr().err
     assert err.startswith("vramlab: error:") and words in err and len(err.strip().splitlines()) == 1
+
+
+def test_per_gpu_states_under_zero_in_both_conventions(capsys):
+    from vramlab.estimate import param_count
+
+    args = ["estimate", "llama-2-7b", "--recipe", "amp-bf16", "--seq", "2048", "--json"]
+    assert main([*args, "--gpus", "8", "--zero", "3"]) == 0
+    shard = json.loads(capsys.readouterr().out)["per_gpu"]
+    p = param_count("llama-2-7b")
+    for convention in ("pytorch", "deepspeed"):  # 4+4+8 and 2+2+12: both 16 bytes per parameter, over 8
+        assert abs(sum(shard["states"][convention].values()) - 16 * p / 8) < 64
+    assert shard["states"]["pytorch"]["parameters"] == 2 * shard["states"]["deepspeed"]["parameters"]
+    assert shard["activations_bytes"] > 0
+    assert main([*args, "--gpus", "8", "--zero", "1"]) == 0
+    one = json.loads(capsys.readouterr().out)["per_gpu"]["states"]
+    assert sum(one["pytorch"].values()) > 1.5 * sum(one["deepspeed"].values())  # fp32 weights stay whole
+    assert main(["estimate", "llama-2-7b", "--recipe", "amp-bf16", "--gpus", "8", "--zero", "3"]) == 0
+    assert "DeepSpeed (bf16 2+2, fp32 masters)" in capsys.readouterr().out
+
+
+def test_qlora_from_the_command_line_is_the_library_estimate(capsys):
+    from vramlab.estimate import qlora_estimate
+
+    assert main(["estimate", "llama-2-7b", "--qlora", "16", "--checkpointing", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["peak_bytes"] == qlora_estimate("llama-2-7b", rank=16, checkpointing=True).peak_bytes
+    assert out["details"]["rank"] == 16
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["dryrun", "gpt2", "--gpus", "2", "--zero", "1"], "belong to `vramlab estimate`"),
+        (["estimate", "gpt2", "--gpus", "2"], "together"),
+        (["estimate", "gpt2", "--gpus", "2", "--zero", "3", "--inference"], "full training step"),
+        (["estimate", "gpt2", "--qlora", "8", "--recipe", "bf16"], "fixes the recipe"),
+        (["estimate", "gpt2", "--qlora", "0"], "1 or more"),
+    ],
+)
+def test_sharding_and_qlora_flags_refuse_what_they_do_not_model(args, words, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1

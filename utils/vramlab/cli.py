@@ -45,8 +45,8 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--config", help="a Hugging Face config.json instead of a registry name")
         cmd.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
         cmd.add_argument("--seq", type=int, default=1024, help="tokens per sequence (default 1024)")
-        cmd.add_argument("--recipe", choices=RECIPES, default="fp32", help="precision recipe (default fp32)")
-        cmd.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="optimizer (default adamw)")
+        cmd.add_argument("--recipe", choices=RECIPES, help="precision recipe (default fp32)")
+        cmd.add_argument("--optimizer", choices=OPTIMIZERS, help="optimizer (default adamw)")
         cmd.add_argument("--attention", choices=ATTENTIONS, default="sdpa", help="attention implementation")
         cmd.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
         cmd.add_argument(
@@ -59,6 +59,13 @@ def _parser() -> argparse.ArgumentParser:
         )
         cmd.add_argument(
             "--full-logits", action="store_true", help="inference: logits at every position (a plain forward)"
+        )
+        cmd.add_argument("--gpus", type=int, help="estimate: GPUs to shard over (with --zero)")
+        cmd.add_argument(
+            "--zero", type=int, choices=(0, 1, 2, 3), help="estimate: ZeRO stage (0 = DDP, 3 = FSDP) over --gpus"
+        )
+        cmd.add_argument(
+            "--qlora", type=int, metavar="RANK", help="estimate: QLoRA fine-tuning with rank-RANK adapters (NF4 base)"
         )
         cmd.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
@@ -74,13 +81,48 @@ def _arch(args: argparse.Namespace) -> Any:
     return get_arch(args.model)
 
 
+def _estimate_only(args: argparse.Namespace) -> None:
+    used = [f"--{name}" for name in ("gpus", "zero", "qlora") if getattr(args, name) is not None]
+    if used and args.command != "estimate":
+        flags = ", ".join(used)
+        raise ValueError(f"{flags} belong to `vramlab estimate` (formulas); `{args.command}` does not take them")
+    if (args.gpus is None) != (args.zero is None):
+        raise ValueError("give --gpus N and --zero STAGE together (stage 0 is DDP, 3 is FSDP / ZeRO-3)")
+    if args.gpus is not None and (args.gpus < 1 or args.inference or args.qlora is not None):
+        raise ValueError("--gpus must be 1 or more, for a full training step (not --inference or --qlora)")
+    if args.qlora is not None and (args.recipe or args.optimizer or args.inference or args.qlora < 1):
+        raise ValueError(
+            "--qlora RANK (1 or more) fixes the recipe: NF4 weights, bf16 compute, fp32 AdamW adapters; "
+            "drop --recipe, --optimizer and --inference"
+        )
+
+
+def _sharded(arch: Any, setup: Setup, gpus: int, stage: int) -> dict[str, Any]:
+    from .estimate import activation_bytes, sharded_states_per_gpu
+
+    saved = activation_bytes(arch, setup.batch, setup.seq, setup.recipe, setup.attention, setup.checkpointing)
+    return {
+        "gpus": gpus,
+        "zero": stage,
+        "states": sharded_states_per_gpu(arch, setup.recipe, setup.optimizer, gpus, stage),
+        "activations_bytes": saved,
+    }
+
+
 def _run(args: argparse.Namespace) -> dict[str, Any]:
+    _estimate_only(args)
     arch = _arch(args)
+    if args.qlora is not None:
+        from .estimate import qlora_estimate
+
+        return qlora_estimate(
+            arch, rank=args.qlora, batch=args.batch, seq=args.seq, checkpointing=args.checkpointing
+        ).to_json()
     setup = Setup(
         batch=args.batch,
         seq=args.seq,
-        recipe=args.recipe,
-        optimizer=args.optimizer,
+        recipe=args.recipe or "fp32",
+        optimizer=args.optimizer or "adamw",
         checkpointing=args.checkpointing,
         inference=args.inference,
         attention=args.attention,
@@ -90,7 +132,11 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     if args.command == "estimate":
         from .estimate import estimate
 
-        return estimate(arch, setup).to_json()
+        est = estimate(arch, setup)
+        out = est.to_json()
+        if args.gpus is not None:
+            out["per_gpu"] = _sharded(arch, setup, args.gpus, args.zero)
+        return out
     if args.command == "fit":
         from .fit import largest_batch
         from .units import parse_bytes
@@ -112,10 +158,31 @@ def _table(obj: dict[str, Any]) -> str:
     lines.append(
         f"  {'peak':<12}{format_bytes(obj['peak_bytes']):>14}   ({obj['peak_bytes']:,} bytes; 1 GiB = 1024^3 bytes)"
     )
+    if obj.get("details", {}).get("method") == "qlora-nf4":
+        rank = obj["details"]["rank"]
+        lines.insert(2, f"  QLoRA: NF4 base weights, rank-{rank} LoRA adapters trained in fp32 with AdamW")
     if obj.get("details", {}).get("model_type"):
         from .anymodel import describe
 
         lines.insert(2, "  " + describe(obj["details"]))
+    if "per_gpu" in obj:
+        shard = obj["per_gpu"]
+        lines.append(
+            f"  per GPU under ZeRO-{shard['zero']} over {shard['gpus']} GPUs (weights + gradients + optimizer state; "
+            "activations, gathered blocks and communication buffers not included):"
+        )
+        names = {
+            "pytorch": "PyTorch (ZeroRedundancyOptimizer, FSDP2)",
+            "deepspeed": "DeepSpeed (bf16 2+2, fp32 masters)",
+        }
+        for convention, parts in shard["states"].items():
+            total = format_bytes(sum(parts.values()))
+            each = ", ".join(f"{k} {format_bytes(v)}" for k, v in parts.items())
+            lines.append(f"    {names[convention]:<42}{total:>12}  ({each})")
+        lines.append(
+            f"    plus the activations this GPU saves at batch {setup.batch}: "
+            f"{format_bytes(shard['activations_bytes'])} (ZeRO does not shard them)"
+        )
     if obj.get("first_step_peak_bytes"):
         lines.append(
             f"  steady state: every step after the first, with the optimizer state alive throughout; "
@@ -157,7 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         print("vramlab: interrupted", file=sys.stderr)
         return 130
     text = obj.pop("text", None)
-    print(json.dumps(obj, indent=2) if args.json else text or _table(obj))
+    try:
+        print(json.dumps(obj, indent=2) if args.json else text or _table(obj))
+    except BrokenPipeError:  # `vramlab ... | head`: the reader left, nothing to report
+        sys.stdout = None  # type: ignore[assignment]  # no flush of the closed pipe at exit
     return 0
 
 

@@ -44,7 +44,7 @@ from .states import (
     optimizer_temp_bytes,
     weight_bytes,
 )
-from .zero import ZERO_STAGES, zero_bytes_per_rank
+from .zero import ZERO_STAGES, sharded_states_per_gpu, zero_bytes_per_rank
 
 __all__ = [
     "BNB_BLOCK",
@@ -74,6 +74,7 @@ __all__ = [
     "param_tensor_shapes",
     "qlora_estimate",
     "rotary_bytes",
+    "sharded_states_per_gpu",
     "weight_bytes",
     "zero_bytes_per_rank",
 ]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 
-from ..recipes import check_positive
+from ..models import ArchConfig, get_arch
+from ..recipes import check_positive, get_recipe
+from .params import param_count
+from .states import optimizer_state_bytes
 
 ZERO_STAGES = (0, 1, 2, 3)
 
@@ -29,3 +32,25 @@ def zero_bytes_per_rank(
         "gradients": share(grad_bytes, stage >= 2),
         "optimizer": share(optimizer_bytes, stage >= 1),
     }
+
+
+def sharded_states_per_gpu(
+    model: str | ArchConfig, recipe: str, optimizer: str, gpus: int, stage: int
+) -> dict[str, dict[str, int]]:
+    """Weights, gradients and optimizer state per GPU under ZeRO ``stage`` over ``gpus``, in
+    the two byte conventions people meet (bytes; activations, gathered weights and
+    communication buffers are not included):
+
+    - "pytorch": what PyTorch's ZeroRedundancyOptimizer and FSDP2 (with a
+      MixedPrecisionPolicy) keep: weights and gradients in the recipe's parameter dtype (fp32
+      under autocast) and the optimizer's own state;
+    - "deepspeed": DeepSpeed's mixed-precision accounting, bf16 weights and gradients (2 + 2)
+      and fp32 master weights beside the optimizer's state; only for autocast recipes.
+    """
+    arch = get_arch(model)
+    params, rec = param_count(arch), get_recipe(recipe)
+    state = optimizer_state_bytes(arch, optimizer, recipe) / params
+    out = {"pytorch": zero_bytes_per_rank(params, gpus, stage, rec.param_bytes, rec.param_bytes, state)}
+    if rec.autocast:
+        out["deepspeed"] = zero_bytes_per_rank(params, gpus, stage, 2, 2, 4 + state)
+    return out
