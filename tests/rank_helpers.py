@@ -44,3 +44,16 @@ def start_child_and_hang(rank, pid_file):
     with open(f"{pid_file}.{rank.rank}", "w") as f:
         f.write(str(child.pid))
     time.sleep(600)
+
+
+def abort_in_teardown(rank):
+    """Return a result, then abort while the group is torn down (as gloo sometimes does)."""
+    dist.destroy_process_group = lambda *args, **kwargs: os.abort()  # _entry calls it after saving
+    return rank.rank
+
+
+def abort_before_returning(rank):
+    """Rank 0 aborts in the middle of its work: no result."""
+    if rank.rank == 0:
+        os.abort()
+    return rank.rank

@@ -204,3 +204,9 @@ def test_code_sent_to_the_ranks_sees_the_fsdp_policies():
     assert PL.learner_function(source, name)("m") == (MixedPrecisionPolicy, CPUOffloadPolicy, "m")
     with pytest.raises(ValueError, match="defined with `def`"):
         PL.source_of(len)
+
+
+def test_a_crash_in_teardown_after_every_result_keeps_the_results():
+    assert launch(rank_helpers.abort_in_teardown, 2, timeout_s=60) == [0, 1]
+    with pytest.raises(RankFailed, match="rank 0 exited with code -6"):
+        launch(rank_helpers.abort_before_returning, 2, timeout_s=60)

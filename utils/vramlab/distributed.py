@@ -165,9 +165,23 @@ def _join(context: Any, timeout: float, outdir: str) -> bool:
         others = "" if rank == err.error_index else f" (rank {err.error_index} failed after it)"
         raise RankFailed(f"rank {rank} failed: {first}{others}\n\n{err}") from None
     except torch.multiprocessing.ProcessExitedException as err:
+        if _all_results(outdir, len(context.processes)):
+            return True  # a crash while tearing the group down, after every rank returned its result
         raise RankFailed(
             f"rank {err.error_index} exited with code {err.exit_code} (killed, or out of memory?)"
         ) from None
+
+
+def _all_results(outdir: str, world_size: int, wait_s: float = 2.0) -> bool:
+    """Whether every rank saved its result (waiting briefly for peers still writing). Gloo can
+    abort a process in ``destroy_process_group`` ("terminate called without an active
+    exception") after the rank function returned: its results are complete and stand."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if all((Path(outdir) / f"rank{i}.pt").exists() for i in range(world_size)):
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def _first_failure(outdir: str, rank: int, message: str) -> tuple[int, str]:
