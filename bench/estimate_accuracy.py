@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from vramlab import dryrun, estimate, get_arch
+from vramlab.estimate import linear_shapes, param_count
 from vramlab.units import format_bytes
 
 LLAMA7 = get_arch("llama-2-7b")
@@ -96,6 +97,7 @@ def main() -> int:
     for model, setup in GRID:
         kind = "inference" if setup.get("inference") else "training"
         est, dry = estimate(model, **setup), dryrun(model, **setup)
+        DRY[(str(model), describe(setup))] = dry.peak_bytes
         err = abs(est.peak_bytes - dry.peak_bytes) / dry.peak_bytes
         first = "| – | – | – |"
         if kind == "training":
@@ -112,6 +114,8 @@ def main() -> int:
             f"| {format_bytes(dry.peak_bytes)} | {err:.2%} {first}"
         )
     out()
+    peers()
+    out()
     ok = True
     for kind, target in TARGETS.items():
         met = worst[kind] <= target
@@ -127,7 +131,47 @@ def main() -> int:
     return 0 if ok else 1
 
 
+def peer_bytes(model: object, setup: dict) -> dict[str, int]:
+    """What other estimators answer for one GPU, from their published formulas: accelerate's
+    memory utility (training with Adam: the largest of model, gradients, optimizer and step,
+    16 B/param in fp32 and 8 in mixed precision), DeepSpeed's model-state estimators with no
+    offload (ZeRO-2: 4·P + 16·P/GPUs; ZeRO-3: 4·largest layer + 18·P/GPUs), and the 16/18/20
+    bytes-per-parameter rules. None counts activations."""
+    arch = get_arch(model)
+    p = param_count(arch)
+    largest = max([arch.vocab_size * arch.hidden_size] + [o * i for o, i in linear_shapes(arch).values()])
+    return {
+        "accelerate": (16 if setup["recipe"] == "fp32" else 8) * p,
+        "DeepSpeed ZeRO-2": 4 * p + 16 * p,
+        "DeepSpeed ZeRO-3": 4 * largest + 18 * p,
+        "16 B/param": 16 * p,
+        "18 B/param": 18 * p,
+        "20 B/param": 20 * p,
+    }
+
+
+def signed(error: float) -> str:
+    """A relative error as a signed whole percentage ("0 %" when it rounds to nothing)."""
+    return "0%" if abs(error) < 0.005 else f"{error:+.0%}"
+
+
+def peers() -> None:
+    """The same training set-ups (Adam-family optimizers), one GPU: the dry run, vramlab's
+    formula and the peers' answers, each with its error against the dry run."""
+    rows = [(m, s) for m, s in GRID if not s.get("inference") and s["optimizer"].startswith("adam")]
+    names = ["vramlab estimate", *peer_bytes(*rows[0])]
+    out("| model | set-up | dry run | " + " | ".join(names) + " |")
+    out("|---|---|---:|" + "---:|" * len(names))
+    for model, setup in rows:
+        dry = DRY[(str(model), describe(setup))]
+        answers = {"vramlab estimate": estimate(model, **setup).peak_bytes, **peer_bytes(model, setup)}
+        cells = " | ".join(f"{format_bytes(v)} ({signed((v - dry) / dry)})" for v in answers.values())
+        name = model if isinstance(model, str) else model.name
+        out(f"| {name} | {describe(setup)} | {format_bytes(dry)} | {cells} |")
+
+
 LINES: list[str] = []
+DRY: dict[tuple[str, str], int] = {}  # steady-state dry-run peaks of the accuracy table, for the peer table
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -140,9 +184,8 @@ def out(line: str = "") -> None:
 def write() -> None:
     """The report to bench/estimate_accuracy.md; its table and summary into the README."""
     (ROOT / "bench" / "estimate_accuracy.md").write_text("\n".join(LINES) + "\n")
-    table = [line for line in LINES if line.startswith("|")]
-    summary = [line for line in LINES if line.startswith(("worst", "Llama-2-7B"))]
-    block = "\n".join(["<!-- bench -->", *table, "", *("- " + line for line in summary), "<!-- /bench -->"])
+    body = [line if line.startswith("|") or not line else "- " + line for line in LINES[:-1]]  # not the run time
+    block = "\n".join(["<!-- bench -->", *body, "<!-- /bench -->"])
     readme = (ROOT / "README.md").read_text()
     start, end = readme.index("<!-- bench -->"), readme.index("<!-- /bench -->") + len("<!-- /bench -->")
     (ROOT / "README.md").write_text(readme[:start] + block + readme[end:])
