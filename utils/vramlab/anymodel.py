@@ -131,17 +131,30 @@ def build(model: HFModel, dtype: torch.dtype, attention: str, mask_free: str) ->
 def _use_mask_free(net: torch.nn.Module, mask_free: str) -> str:
     """Switch ``net`` to the mask-free causal SDPA call of an unpadded real run, if its
     attention module accepts it (a 16-token forward tells); say what was traced."""
-    net.set_attn_implementation(mask_free)
+    from .quantize import quiet_imports
+
+    masked = (
+        " (with the (batch, 1, seq, seq) mask transformers builds for a fake tensor; "
+        "a real unpadded run has none, so this trace holds that mask more)"
+    )
+    own_code = (
+        " (the model's own attention code, which vramlab cannot switch to the mask-free call: where it "
+        "builds a (batch, 1, seq, seq) mask for a fake tensor, a real unpadded run would not)"
+    )
+    with quiet_imports():
+        try:
+            net.set_attn_implementation(mask_free)
+        except (ValueError, NotImplementedError):
+            return own_code
+    if net.config._attn_implementation != mask_free:  # the class keeps its own attention code
+        return own_code
     probe = torch.zeros(1, 16, dtype=torch.long)
     try:
         with torch.no_grad():
             net(input_ids=probe, use_cache=False)
     except RuntimeError:
         net.set_attn_implementation("sdpa")
-        return (
-            " (with the (batch, 1, seq, seq) mask transformers builds for a fake tensor; "
-            "a real unpadded run has none, so this trace holds that mask more)"
-        )
+        return masked
     return " (the unpadded run's causal call, no mask)"
 
 
