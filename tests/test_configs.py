@@ -28,7 +28,7 @@ BERT = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attenti
     [
         (BERT, "no model_type"),  # was taken for a Llama decoder: 160M "parameters"
         ({**NEMO, "head_dim": 128}, "head_dim 128 differs from hidden_size / num_attention_heads = 160"),
-        ({**NEMO, "sliding_window": 4096, "max_position_embeddings": 32768}, "sliding-window KV cache"),
+        ({**NEMO, "sliding_window": 4096, "max_position_embeddings": 32768}, "does not model a sliding window"),
         ({**NEMO, "model_type": "llama", "attention_bias": True}, "attention_bias"),
         ({**NEMO, "model_type": "llama", "mlp_bias": "true"}, "mlp_bias"),
         ({**NEMO, "hidden_size": "big"}, "field hidden_size must be a positive whole number"),
@@ -65,3 +65,19 @@ def test_cli_config_errors_are_one_line(tmp_path, capsys, content, words):
     assert main(["estimate", "--config", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert words in err and "\n" not in err and "Traceback" not in err
+
+
+def test_a_config_the_formula_refuses_is_still_dry_run(tmp_path, capsys):
+    """Mistral-Nemo with head_dim 128 (its real width): the formula refuses the field, the
+    dry run builds transformers' own class and answers, labelled (issue 12)."""
+    from vramlab.models import HFModel, load_config
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**NEMO, "head_dim": 128, "num_hidden_layers": 2}))
+    model = load_config(path)
+    assert isinstance(model, HFModel) and "head_dim 128" in model.why_no_formula
+    with pytest.raises(ValueError, match="head_dim 128 differs.*dryrun"):
+        estimate(model)
+    assert main(["dryrun", "--config", str(path), "--seq", "64", "--recipe", "bf16", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["details"]["model_type"] == "mistral" and out["params"] > 0

@@ -132,13 +132,16 @@ class HFModel:
     model_type: str
     config: dict[str, Any]
     source: str = ""
+    why_no_formula: str = ""  # set when the type is one the formula models but a field of this config is not
 
 
 def no_formula(model: HFModel) -> ValueError:
-    """The error for a formula asked about a model type it does not model."""
+    """The error for a formula asked about a config it does not model."""
+    why = model.why_no_formula or (
+        f"vramlab has no formula for model_type {model.model_type!r} (the formula covers {', '.join(FAMILIES)})"
+    )
     return ValueError(
-        f"vramlab has no formula for model_type {model.model_type!r} (the formula covers {', '.join(FAMILIES)}); "
-        "`vramlab dryrun --config ...` (vramlab.dryrun) measures it by building transformers' own class "
+        f"{why}; `vramlab dryrun --config ...` (vramlab.dryrun) measures it by building transformers' own class "
         "(dry run; no formula)"
     )
 
@@ -212,12 +215,19 @@ def load_config(source: str | Path | dict[str, Any], name: str | None = None) ->
     :class:`HFModel` for a dry run of transformers' own class."""
     data, default_name = _read_config(source)
     model_type = data.get("model_type")
-    if isinstance(model_type, str) and model_type.lower() not in FAMILIES:
+    why = ""
+    if isinstance(model_type, str) and model_type.lower() in FAMILIES:
+        try:
+            return from_hf_config(source, name)
+        except NotModelled as err:  # a field the formula does not model: the dry run still can
+            why = str(err)
+    if isinstance(model_type, str):
         return HFModel(
             name=name or str(data.get("_name_or_path") or default_name),
             model_type=model_type,
             config=dict(data),
             source=str(source) if not isinstance(source, dict) else "dict",
+            why_no_formula=why,
         )
     return from_hf_config(source, name)
 
@@ -237,6 +247,10 @@ def _read_config(source: str | Path | dict[str, Any]) -> tuple[dict[str, Any], s
     if not isinstance(data, dict):
         raise ValueError(f"{path} holds a JSON {type(data).__name__}, not the object a config.json holds")
     return data, (path.parent.name or path.stem) if path.stem == "config" else path.stem
+
+
+class NotModelled(ValueError):
+    """A config field that changes a shape in a way vramlab's formula does not model."""
 
 
 class _ConfigFields:
@@ -276,18 +290,19 @@ def _refuse_unmodelled(field: _ConfigFields, family: str, hidden: int, heads: in
     if field.data.get("head_dim") is not None:
         head_dim = field.integer("head_dim")
         if head_dim * heads != hidden:
-            raise ValueError(
+            raise NotModelled(
                 f"head_dim {head_dim} differs from hidden_size / num_attention_heads = {hidden / heads:g}: "
                 "projections of another width than the hidden size are not modelled by vramlab yet"
             )
     window = field.data.get("sliding_window")
     if window is not None and field.boolean("use_sliding_window", True):
         if field.integer("sliding_window") < max_position:
-            raise ValueError(
-                f"sliding_window {window} is shorter than the context ({max_position} positions): a sliding-window "
-                "KV cache is not modelled by vramlab yet (it stops growing at the window)"
+            raise NotModelled(
+                f"sliding_window {window} is shorter than the context ({max_position} positions): the formula does "
+                "not model a sliding window (transformers' window mask, and a cache that holds a view of the "
+                "prefill's keys and values until the first generated token)"
             )
     if family in ("llama", "mistral"):
         for key in ("attention_bias", "mlp_bias"):
             if field.boolean(key, False):
-                raise ValueError(f"{key}: true (biases in the projections) is not modelled by vramlab yet")
+                raise NotModelled(f"{key}: true (biases in the projections) is not modelled by vramlab yet")
