@@ -4,10 +4,15 @@
     vramlab estimate llama-2-7b --batch 1 --seq 4096 --recipe amp-bf16 [--json]
     vramlab dryrun   llama-2-7b --batch 1 --seq 4096 --recipe amp-bf16 [--json]
     vramlab fit      llama-2-7b --gpu 80GiB --seq 2048 --recipe amp-bf16 [--json]
+    vramlab estimate llama-2-7b --recipe amp-bf16 --gpus 8 --zero 3    # + states per GPU
+    vramlab estimate llama-2-7b --qlora 16                             # QLoRA fine-tuning
+    vramlab dryrun   --config any/config.json                          # any transformers causal LM
 
 ``--inference`` means a prefill of ``--seq`` tokens per sequence that builds the KV cache,
-under ``torch.inference_mode``; without it, one full training step (forward, backward,
-optimizer step). Bad arguments print one line and exit with code 2.
+under ``torch.inference_mode``; without it, a training step (forward, backward, optimizer
+step) in its steady state: the second step, which every later one repeats, with the first
+step's peak beside it. Bad arguments print one line and exit with code 2. ``estimate`` and
+``fit`` import no torch.
 """
 
 from __future__ import annotations
