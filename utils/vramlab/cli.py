@@ -166,6 +166,7 @@ def _table(obj: dict[str, Any]) -> str:
     if obj.get("details", {}).get("method") == "qlora-nf4":
         rank = obj["details"]["rank"]
         lines.insert(2, f"  QLoRA: NF4 base weights, rank-{rank} LoRA adapters trained in fp32 with AdamW")
+        lines.insert(3, "  the 'peak' is what stays resident across a step; the backward's working set comes on top")
     if obj.get("details", {}).get("model_type"):
         from .anymodel import describe
 
