@@ -235,6 +235,7 @@ def test_qlora_from_the_command_line_is_the_library_estimate(capsys):
         (["estimate", "gpt2", "--gpus", "2", "--zero", "3", "--inference"], "full training step"),
         (["estimate", "gpt2", "--qlora", "8", "--recipe", "bf16"], "fixes the recipe"),
         (["estimate", "gpt2", "--qlora", "0"], "1 or more"),
+        (["estimate", "gpt2", "--qlora", "8"], "--checkpointing"),
     ],
 )
 def test_sharding_and_qlora_flags_refuse_what_they_do_not_model(args, words, capsys):

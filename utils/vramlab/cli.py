@@ -5,7 +5,7 @@
     vramlab dryrun   llama-2-7b --batch 1 --seq 4096 --recipe amp-bf16 [--json]
     vramlab fit      llama-2-7b --gpu 80GiB --seq 2048 --recipe amp-bf16 [--json]
     vramlab estimate llama-2-7b --recipe amp-bf16 --gpus 8 --zero 3    # + states per GPU
-    vramlab estimate llama-2-7b --qlora 16                             # QLoRA fine-tuning
+    vramlab estimate llama-2-7b --qlora 16 --checkpointing             # QLoRA fine-tuning
     vramlab dryrun   --config any/config.json                          # any transformers causal LM
 
 ``--inference`` means a prefill of ``--seq`` tokens per sequence that builds the KV cache,
@@ -99,6 +99,11 @@ def _estimate_only(args: argparse.Namespace) -> None:
         raise ValueError(
             "--qlora RANK (1 or more) fixes the recipe: NF4 weights, bf16 compute, fp32 AdamW adapters; "
             "drop --recipe, --optimizer and --inference"
+        )
+    if args.qlora is not None and not args.checkpointing:
+        raise ValueError(
+            "--qlora models QLoRA with activation checkpointing (--checkpointing), as its recipes train; without "
+            "it each adapted linear also keeps an fp32 copy of its input, which the formula does not count"
         )
 
 
