@@ -68,7 +68,8 @@ def memory_calculator(**start: Any) -> Any:
                 print(f"cannot estimate: {err}")
                 return
             fig, ax = plt.subplots(figsize=(7, 4))
-            plot_breakdown({est.model: est.breakdown}, title=f"{est.model}: peak at {est.peak_moment}", ax=ax)
+            when = "steady-state peak" if est.first_step_moment else "peak"
+            plot_breakdown({est.model: est.breakdown}, title=f"{est.model}: {when} at {est.peak_moment}", ax=ax)
             plt.show()
             print(fit_report(est))
 
