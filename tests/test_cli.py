@@ -242,3 +242,11 @@ def test_sharding_and_qlora_flags_refuse_what_they_do_not_model(args, words, cap
     assert main(args) == 2
     err = capsys.readouterr().err
     assert words in err and len(err.strip().splitlines()) == 1
+
+
+def test_lora_is_a_dry_run_flag(capsys):
+    assert main(["dryrun", "llama-2-7b", "--recipe", "bf16", "--seq", "256", "--lora", "16", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["setup"]["lora_rank"] == 16 and out["breakdown"]["gradients"] < out["breakdown"]["parameters"] / 50
+    assert main(["estimate", "llama-2-7b", "--lora", "16"]) == 2
+    assert "dry run only" in capsys.readouterr().err

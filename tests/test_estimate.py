@@ -246,3 +246,26 @@ def test_which_user_code_a_number_models_keep_outputs_and_full_logits():
         dryrun(arch, inference=True, keep_outputs=True)
     with pytest.raises(ValueError, match="inference forward"):
         dryrun(arch, full_logits=True)
+
+
+def test_lora_dry_run_trains_only_fp32_adapters_and_equals_a_real_run():
+    """LoRA (issue 12): the base frozen, rank-r fp32 adapters on the seven linears of each
+    block; gradients and AdamW state exist for the adapters only. A dry run only: the formula
+    refuses it."""
+    from vramlab.estimate import lora_param_count
+
+    adapters = lora_param_count(TINY_LLAMA, 4)
+    fake, real = (run(TINY_LLAMA, batch=2, seq=64, recipe="bf16", lora_rank=4) for run in (dryrun, realrun))
+    assert fake.peak_bytes == pytest.approx(real.peak_bytes, rel=0.01)
+    end = fake.end_breakdown
+    assert end["gradients"] == 4 * adapters  # fp32 adapter gradients, none for the frozen base
+    assert 0 <= end["optimizer"] - 8 * adapters < 1024  # two fp32 moments (and step counts)
+    assert end["parameters"] == 2 * fake.params + 4 * adapters  # bf16 base + fp32 adapters
+    full = dryrun(TINY_LLAMA, batch=2, seq=64, recipe="bf16")
+    assert fake.peak_bytes < full.peak_bytes
+    with pytest.raises(ValueError, match="dry run only"):
+        estimate(TINY_LLAMA, lora_rank=4)
+    with pytest.raises(ValueError, match="Llama-style blocks"):
+        dryrun("gpt2", seq=64, lora_rank=4)
+    with pytest.raises(ValueError, match="lora_rank must be 0"):
+        dryrun(TINY_LLAMA, lora_rank=-1)

@@ -7,6 +7,7 @@
     vramlab estimate llama-2-7b --recipe amp-bf16 --gpus 8 --zero 3    # + states per GPU
     vramlab estimate llama-2-7b --qlora 16 --checkpointing             # QLoRA fine-tuning
     vramlab dryrun   --config any/config.json                          # any transformers causal LM
+    vramlab dryrun   llama-2-7b --recipe bf16 --lora 16                # LoRA fine-tuning
 
 ``--inference`` means a prefill of ``--seq`` tokens per sequence that builds the KV cache,
 under ``torch.inference_mode``; without it, a training step (forward, backward, optimizer
@@ -71,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
         )
         cmd.add_argument(
             "--qlora", type=int, metavar="RANK", help="estimate: QLoRA fine-tuning with rank-RANK adapters (NF4 base)"
+        )
+        cmd.add_argument(
+            "--lora", type=int, metavar="RANK", help="dryrun: LoRA, rank-RANK fp32 adapters on a frozen base"
         )
         cmd.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
@@ -138,6 +142,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         attention=args.attention,
         keep_outputs=args.keep_outputs,
         full_logits=args.full_logits,
+        lora_rank=args.lora or 0,
     )
     if args.command == "estimate":
         from .estimate import estimate

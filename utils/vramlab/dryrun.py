@@ -316,6 +316,10 @@ def _train_step(
     ``setup.keep_outputs`` the loop holds ``outputs = model(...)``: the previous step's
     outputs live until the new forward returns, the new ones through backward and the step."""
     net.train()
+    if setup.lora_rank:
+        from .lora import add_adapters
+
+        add_adapters(net, setup.lora_rank)
     if setup.checkpointing:
         _enable_checkpointing(net)
     opt = make_optimizer(setup.optimizer, [p for p in net.parameters() if p.requires_grad])

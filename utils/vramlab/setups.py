@@ -29,6 +29,9 @@ class Setup:
             outputs.loss`` loops do; the default models ``loss = model(...).loss``.
         full_logits: inference only. A plain forward that computes logits at every position;
             the default models ``generate``'s prefill, which computes the last position's.
+        lora_rank: training only; 0 trains every weight. Otherwise the base model is frozen and
+            rank-``lora_rank`` LoRA adapters in fp32 train on each attention and MLP linear
+            (:mod:`vramlab.lora`; dry run only).
 
     Names are normalised (``"AMP-BF16"`` becomes ``"amp-bf16"``); a bad value raises a
     ``ValueError`` that lists the valid ones.
@@ -43,6 +46,7 @@ class Setup:
     attention: str = "sdpa"
     keep_outputs: bool = False
     full_logits: bool = False
+    lora_rank: int = 0
 
     def __post_init__(self) -> None:
         check_positive(batch=self.batch, seq=self.seq)
@@ -53,6 +57,10 @@ class Setup:
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.keep_outputs and self.inference:
             raise ValueError("keep_outputs describes a training loop; for inference use full_logits")
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be 0 (no adapters) or a positive whole number, got {self.lora_rank!r}")
+        if self.lora_rank and self.inference:
+            raise ValueError("lora_rank describes fine-tuning; an inference prefill has no adapters to train")
         if self.full_logits and not self.inference:
             raise ValueError("full_logits describes an inference forward; for training use keep_outputs")
         attention = str(self.attention).lower()
@@ -87,4 +95,5 @@ class Setup:
             f"{self.attention} attention"
             + (", checkpointing" if self.checkpointing else "")
             + (", outputs kept between steps" if self.keep_outputs else "")
+            + (f", rank-{self.lora_rank} LoRA adapters on a frozen base" if self.lora_rank else "")
         )

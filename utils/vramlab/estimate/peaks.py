@@ -96,6 +96,11 @@ def estimate(model: str | ArchConfig, setup: Setup | None = None, **changes: Any
     setup = Setup.of(setup, **changes)
     check_positions(arch, setup.seq)
     rec = get_recipe(setup.recipe)
+    if setup.lora_rank:
+        raise ValueError(
+            "LoRA fine-tuning is measured by dry run only (`vramlab dryrun --lora RANK`); for QLoRA's "
+            "formula see vramlab.estimate.qlora_estimate (`vramlab estimate --qlora RANK --checkpointing`)"
+        )
     if setup.keep_outputs or setup.full_logits:
         raise ValueError(
             "the formula models `loss = model(...).loss` in training and generate's last-position prefill in "
