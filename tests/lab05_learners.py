@@ -32,3 +32,13 @@ def full_copy_on_the_side(model):
 
 def returns_nothing(model):
     return None
+
+
+def only_the_lab_model(model):
+    """FSDP, but written for the lab's widths only: fails on any other model."""
+    if model.gpt.cfg.hidden != 256:
+        raise ValueError("this shard only knows hidden size 256")
+    for block in model.gpt.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return model, torch.optim.AdamW(model.parameters(), lr=3e-3, foreach=True)

@@ -68,3 +68,8 @@ def test_a_prediction_that_runs_the_ranks_is_refused():
 
     with pytest.raises(CheckFailed, match="started a thread or process"):
         lab05.check_sharding(solution_shard, measuring)
+
+
+def test_a_shard_that_fails_on_the_second_model_fails_there():
+    with pytest.raises(CheckFailed, match="on a second model .*rank 0 failed: ValueError: this shard only knows"):
+        lab05.check_sharding(lab05_learners.only_the_lab_model, right_prediction)

@@ -119,8 +119,12 @@ def check_sharding(shard: Callable[..., Any], predict_state_bytes: Callable[[int
     if failed:
         return failed
     _, unseen_prediction = predict(predict_state_bytes, params(UNSEEN_CFG), WORLD)
-    unseen = max(state_bytes(r) for r in run(shard, UNSEEN_CFG, limit=None))
     setup = f"a second model ({params(UNSEEN_CFG):,} parameters)"
+    unseen_ranks = run(shard, UNSEEN_CFG, limit=None)
+    broken = next((r for r in unseen_ranks if r["error"]), None)
+    if broken is not None:  # its bytes would be those of a half-finished run
+        return give_verdict(name, FAILED, f"on {setup}, rank {broken['rank']} failed: {broken['error']}")
+    unseen = max(state_bytes(r) for r in unseen_ranks)
     failed = judge_bytes(name, unseen_prediction, unseen, STATE_RTOL, setup, hint)
     if failed:
         return failed
