@@ -15,6 +15,7 @@ from .estimate import estimate
 from .hardware import CONTEXT_HEADROOM, fits
 from .models import ArchConfig, get_arch
 from .planner import Plan, first_fit
+from .results import TooLarge
 from .setups import Setup
 from .units import format_bytes
 
@@ -76,10 +77,8 @@ def _peak(arch: ArchConfig, setup: Setup, batch: int) -> int | None:
     """The steady-state peak at ``batch``, or None past what any tensor can hold."""
     try:
         return estimate(arch, Setup.of(setup, batch=batch)).peak_bytes
-    except ValueError as err:
-        if "2**63" in str(err):
-            return None
-        raise
+    except TooLarge:
+        return None
 
 
 def largest_batch(

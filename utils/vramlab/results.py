@@ -13,9 +13,13 @@ MAX_BYTES = 2**63 - 1
 """No tensor, and no device, holds more bytes than a signed 64-bit size can say (8 EiB)."""
 
 
-def too_large(what: str) -> ValueError:
+class TooLarge(ValueError):
+    """A set-up whose tensors could not exist (sizes past 2**63 bytes)."""
+
+
+def too_large(what: str) -> TooLarge:
     """The error for a set-up whose tensors could not exist (sizes past 2**63 bytes)."""
-    return ValueError(
+    return TooLarge(
         f"{what} needs more than 2**63 bytes (8 EiB): no tensor that large can exist. Use a smaller batch or seq."
     )
 
