@@ -31,6 +31,8 @@ GRID: list[tuple[object, dict]] = [
     ("llama-2-7b", dict(batch=4, seq=4096, recipe="amp-bf16", optimizer="adamw")),
     ("llama-2-7b", dict(batch=4, seq=4096, recipe="amp-bf16", optimizer="adamw-fused")),
     ("llama-3-8b", dict(batch=1, seq=16384, recipe="amp-bf16", optimizer="adamw-fused", checkpointing=True)),
+    ("llama-2-7b", dict(batch=4, seq=4096, recipe="amp-bf16", optimizer="adamw", offload=True)),
+    ("llama-2-7b", dict(batch=1, seq=2048, recipe="bf16", optimizer="adamw", offload=True)),
     ("llama-2-7b", dict(batch=1, seq=2048, recipe="bf16", optimizer="adamw")),
     (LLAMA7.with_(name="llama-2-7b/4 layers", num_layers=4), dict(batch=4, seq=2048, recipe="bf16", optimizer="sgd")),
     (
@@ -52,6 +54,7 @@ GRID: list[tuple[object, dict]] = [
     ("qwen2.5-1.5b", dict(batch=2, seq=2048, recipe="bf16", optimizer="adam", checkpointing=True)),
     ("gpt2", dict(batch=8, seq=1024, recipe="fp32", optimizer="adamw")),
     ("gpt2", dict(batch=16, seq=1024, recipe="amp-bf16", optimizer="adamw", checkpointing=True)),
+    ("gpt2", dict(batch=8, seq=1024, recipe="fp32", optimizer="adamw", offload=True)),
     ("gpt2-medium", dict(batch=4, seq=1024, recipe="amp-fp16", optimizer="sgd-momentum", attention="eager")),
     ("gpt2-large", dict(batch=2, seq=512, recipe="fp32", optimizer="sgd")),
     ("gpt2-xl", dict(batch=1, seq=1024, recipe="bf16", optimizer="adamw")),
@@ -76,6 +79,8 @@ def describe(setup: dict) -> str:
         parts.append("ckpt")
     if setup.get("attention") == "eager":
         parts.append("eager")
+    if setup.get("offload"):
+        parts.append("offload")
     return " ".join(parts)
 
 
@@ -134,22 +139,24 @@ def main() -> int:
     return 0 if ok else 1
 
 
-def peer_bytes(model: object, setup: dict) -> dict[str, int]:
+def peer_bytes(model: object, setup: dict) -> dict[str, int | None]:
     """What other estimators answer for one GPU, from their published formulas: accelerate's
     memory utility (training with Adam: the largest of model, gradients, optimizer and step,
-    16 B/param in fp32 and 8 in mixed precision), DeepSpeed's model-state estimators with no
-    offload (ZeRO-2: 4·P + 16·P/GPUs; ZeRO-3: 4·largest layer + 18·P/GPUs), and the 16/18/20
-    bytes-per-parameter rules. None counts activations."""
+    16 B/param in fp32 and 8 in mixed precision), DeepSpeed's model-state estimators (ZeRO-2:
+    4·P + 16·P/GPUs, or 2·P with the optimizer offloaded; ZeRO-3: 4·largest layer + 18·P/GPUs,
+    or + 2·P/GPUs offloaded), and the 16/18/20 bytes-per-parameter rules. None counts
+    activations; None (shown "–") where an estimator has no answer for offloading."""
     arch = get_arch(model)
     p = param_count(arch)
     largest = max([arch.vocab_size * arch.hidden_size] + [o * i for o, i in linear_shapes(arch).values()])
+    offload = bool(setup.get("offload"))
     return {
-        "accelerate": (16 if setup["recipe"] == "fp32" else 8) * p,
-        "DeepSpeed ZeRO-2": 4 * p + 16 * p,
-        "DeepSpeed ZeRO-3": 4 * largest + 18 * p,
-        "16 B/param": 16 * p,
-        "18 B/param": 18 * p,
-        "20 B/param": 20 * p,
+        "accelerate": None if offload else (16 if setup["recipe"] == "fp32" else 8) * p,
+        "DeepSpeed ZeRO-2": 2 * p if offload else 4 * p + 16 * p,
+        "DeepSpeed ZeRO-3": 4 * largest + (2 if offload else 18) * p,
+        "16 B/param": None if offload else 16 * p,
+        "18 B/param": None if offload else 18 * p,
+        "20 B/param": None if offload else 20 * p,
     }
 
 
@@ -195,7 +202,9 @@ def peers() -> None:
     for model, setup in rows:
         dry = DRY[(str(model), describe(setup))]
         answers = {"vramlab estimate": estimate(model, **setup).peak_bytes, **peer_bytes(model, setup)}
-        cells = " | ".join(f"{format_bytes(v)} ({signed((v - dry) / dry)})" for v in answers.values())
+        cells = " | ".join(
+            "–" if v is None else f"{format_bytes(v)} ({signed((v - dry) / dry)})" for v in answers.values()
+        )
         name = model if isinstance(model, str) else model.name
         out(f"| {name} | {describe(setup)} | {format_bytes(dry)} | {cells} |")
 

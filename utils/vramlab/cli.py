@@ -8,6 +8,7 @@
     vramlab estimate llama-2-7b --qlora 16 --checkpointing             # QLoRA fine-tuning
     vramlab dryrun   --config any/config.json                          # any transformers causal LM
     vramlab dryrun   llama-2-7b --recipe bf16 --lora 16                # LoRA fine-tuning
+    vramlab estimate llama-2-7b --recipe amp-bf16 --offload            # AdamW state in host memory
 
 ``--inference`` means a prefill of ``--seq`` tokens per sequence that builds the KV cache,
 under ``torch.inference_mode``; without it, a training step (forward, backward, optimizer
@@ -76,6 +77,11 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument(
             "--lora", type=int, metavar="RANK", help="dryrun: LoRA, rank-RANK fp32 adapters on a frozen base"
         )
+        cmd.add_argument(
+            "--offload",
+            action="store_true",
+            help="AdamW state and step in host memory (torchao CPUOffloadOptimizer's defaults)",
+        )
         cmd.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
@@ -97,8 +103,13 @@ def _estimate_only(args: argparse.Namespace) -> None:
         raise ValueError(f"{flags} belong to `vramlab estimate` (formulas); `{args.command}` does not take them")
     if (args.gpus is None) != (args.zero is None):
         raise ValueError("give --gpus N and --zero STAGE together (stage 0 is DDP, 3 is FSDP / ZeRO-3)")
-    if args.gpus is not None and (args.gpus < 1 or args.inference or args.qlora is not None):
-        raise ValueError("--gpus must be 1 or more, for a full training step (not --inference or --qlora)")
+    if args.gpus is not None and (args.gpus < 1 or args.inference or args.qlora is not None or args.offload):
+        raise ValueError(
+            "--gpus must be 1 or more, for a full training step (not --inference, --qlora or --offload: "
+            "the offload modelled is torchao's single-GPU CPUOffloadOptimizer)"
+        )
+    if args.qlora is not None and args.offload:
+        raise ValueError("--qlora and --offload together are not modelled; QLoRA's AdamW state is the adapters' only")
     if args.qlora is not None and (args.recipe or args.optimizer or args.inference or args.qlora < 1):
         raise ValueError(
             "--qlora RANK (1 or more) fixes the recipe: NF4 weights, bf16 compute, fp32 AdamW adapters; "
@@ -143,6 +154,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         keep_outputs=args.keep_outputs,
         full_logits=args.full_logits,
         lora_rank=args.lora or 0,
+        offload=args.offload,
     )
     if args.command == "estimate":
         from .estimate import estimate
@@ -199,12 +211,23 @@ def _table(obj: dict[str, Any]) -> str:
             f"    plus the activations this GPU saves at batch {setup.batch}: "
             f"{format_bytes(shard['activations_bytes'])} (ZeRO does not shard them)"
         )
-    if obj.get("first_step_peak_bytes"):
+    if obj.get("first_step_peak_bytes") and setup.offload:
+        lines.append(
+            "  steady state: every step after the first; the optimizer state is in host memory but for tensors "
+            "under 4096 elements, stepped on the GPU; the first step peaks at "
+            f"{format_bytes(obj['first_step_peak_bytes'])}"
+        )
+    elif obj.get("first_step_peak_bytes"):
         lines.append(
             f"  steady state: every step after the first, with the optimizer state alive throughout; "
             f"the first step peaks at {format_bytes(obj['first_step_peak_bytes'])}"
         )
-    if setup.optimizer == "adamw" and not setup.inference:
+    if setup.offload:
+        lines.append(
+            f"  host memory: {format_bytes(obj['host_bytes'])} (parameter copies, gradient buffers and AdamW "
+            "state of the parameters offloaded; not on the GPU)"
+        )
+    elif setup.optimizer == "adamw" and not setup.inference:
         lines.append(
             "  adamw is foreach, what torch.optim.AdamW runs on CUDA by default; the Hugging Face Trainer "
             "uses the fused step: --optimizer adamw-fused"

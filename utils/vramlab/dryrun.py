@@ -27,6 +27,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from . import anymodel
 from .measure import Measurement, measure
 from .models import ArchConfig, HFModel, check_positions, get_arch
+from .offload import OffloadedAdamW
 from .recipes import Recipe, check_optimizer, check_positive, get_recipe
 from .results import result_json, too_large
 from .setups import ATTENTIONS, Setup
@@ -46,6 +47,7 @@ class DryRunResult:
     kv_cache_bytes: int = 0  # inference: bytes of the cache's storages after the prefill
     first_step: Measurement | None = None  # training: the first step (``measurement`` is the second)
     details: dict[str, Any] | None = None  # a config without a formula: its model type, attention, experts
+    host_bytes: int = 0  # offload: what the offloaded optimizer holds in host memory after the step
 
     @property
     def model(self) -> str:
@@ -82,6 +84,8 @@ class DryRunResult:
         extra: dict[str, Any] = {"first_step_peak_bytes": self.first_step_peak_bytes} if self.first_step else {}
         if self.details:
             extra["details"] = dict(self.details)
+        if self.setup.offload:
+            extra["host_bytes"] = self.host_bytes
         return result_json(self, model=self.model, params=self.params, kv_cache_bytes=self.kv_cache_bytes, **extra)
 
     def __str__(self) -> str:
@@ -93,6 +97,8 @@ class DryRunResult:
                 "\n  (the second step, which every later step repeats; the first step peaked at "
                 f"{format_bytes(self.first_step_peak_bytes)}, before the optimizer state existed)"
             )
+        if self.setup.offload:
+            text += f"\n  (host memory: {format_bytes(self.host_bytes)} for the offloaded AdamW)"
         return text
 
 
@@ -255,14 +261,14 @@ def dryrun(
         else:
             net = build_hf_model(target, rec.param_dtype, setup.attention)
         params = sum(p.numel() for p in net.parameters())
-        cache = 0
+        cache = host = 0
         try:
             ids = torch.randint(0, vocab, (setup.batch, setup.seq))
             first = None
             if setup.inference:
                 result, cache = _prefill(net, ids, rec, timeline, setup.full_logits)
             else:
-                first, result = _train_step(net, ids, rec, setup, timeline)
+                first, result, host = _train_step(net, ids, rec, setup, timeline)
         except RuntimeError as err:
             if "overflow" in str(err):
                 raise too_large(f"{target.name} with {setup.describe()}") from None
@@ -272,7 +278,7 @@ def dryrun(
                 raise ValueError(f"{what}: {first_line}") from None
             raise
     result.setup = setup
-    return DryRunResult(target, params, result, setup, cache, first, details)
+    return DryRunResult(target, params, result, setup, cache, first, details, host)
 
 
 def realrun(model: str | ArchConfig, seed: int = 0, **setup: Any) -> DryRunResult:
@@ -310,8 +316,9 @@ def cache_tensors(cache: Any) -> Iterator[torch.Tensor]:
 
 def _train_step(
     net: torch.nn.Module, ids: torch.Tensor, rec: Recipe, setup: Setup, timeline: bool
-) -> tuple[Measurement, Measurement]:
-    """Two training steps, each measured: the first (no optimizer state until its step) and
+) -> tuple[Measurement, Measurement, int]:
+    """Two training steps, each measured (and, with ``setup.offload``, the bytes the
+    optimizer holds in host memory): the first (no optimizer state until its step) and
     the second, which every later step repeats (the state is alive throughout). With
     ``setup.keep_outputs`` the loop holds ``outputs = model(...)``: the previous step's
     outputs live until the new forward returns, the new ones through backward and the step."""
@@ -322,12 +329,15 @@ def _train_step(
         add_adapters(net, setup.lora_rank)
     if setup.checkpointing:
         _enable_checkpointing(net)
-    opt = make_optimizer(setup.optimizer, [p for p in net.parameters() if p.requires_grad])
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    opt: Any = OffloadedAdamW(trainable) if setup.offload else make_optimizer(setup.optimizer, trainable)
+    device_opt = opt.device_optimizer if setup.offload else opt  # an offloaded state is not the device's
+    on_device = [device_opt] if device_opt is not None else []
     steps, outputs = [], None
     for _ in range(2):
         opt.zero_grad(set_to_none=True)
         kept = [] if outputs is None else [outputs.logits]
-        with measure(net, opt, ids, *kept, timeline=timeline) as m:
+        with measure(net, *on_device, ids, *kept, timeline=timeline) as m:
             del kept
             with _autocast(rec):
                 if setup.keep_outputs:
@@ -342,7 +352,7 @@ def _train_step(
                 opt.step()
             del loss
         steps.append(m)
-    return steps[0], steps[1]
+    return steps[0], steps[1], opt.host_bytes() if setup.offload else 0
 
 
 def _enable_checkpointing(net: torch.nn.Module) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 from .recipes import check_optimizer, check_positive, get_recipe
 
 ATTENTIONS = ("sdpa", "eager")
+MINIMAL_SIZE = 4096  # torchao CPUOffloadOptimizer's default: smaller parameters stay on the device
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,10 @@ class Setup:
         lora_rank: training only; 0 trains every weight. Otherwise the base model is frozen and
             rank-``lora_rank`` LoRA adapters in fp32 train on each attention and MLP linear
             (:mod:`vramlab.lora`; dry run only).
+        offload: training with AdamW only. The optimizer state and step live in host memory,
+            as ``torchao.optim.CPUOffloadOptimizer`` keeps them with its defaults (fused AdamW
+            on the host, gradients kept on the device, parameters under 4096 elements stepped
+            on the device; :mod:`vramlab.offload`).
 
     Names are normalised (``"AMP-BF16"`` becomes ``"amp-bf16"``); a bad value raises a
     ``ValueError`` that lists the valid ones.
@@ -47,12 +52,13 @@ class Setup:
     keep_outputs: bool = False
     full_logits: bool = False
     lora_rank: int = 0
+    offload: bool = False
 
     def __post_init__(self) -> None:
         check_positive(batch=self.batch, seq=self.seq)
         object.__setattr__(self, "recipe", get_recipe(self.recipe).name)
         object.__setattr__(self, "optimizer", check_optimizer(self.optimizer))
-        for name in ("checkpointing", "inference", "keep_outputs", "full_logits"):
+        for name in ("checkpointing", "inference", "keep_outputs", "full_logits", "offload"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.keep_outputs and self.inference:
@@ -63,10 +69,26 @@ class Setup:
             raise ValueError("lora_rank describes fine-tuning; an inference prefill has no adapters to train")
         if self.full_logits and not self.inference:
             raise ValueError("full_logits describes an inference forward; for training use keep_outputs")
+        if self.offload:
+            self._check_offload()
         attention = str(self.attention).lower()
         if attention not in ATTENTIONS:
             raise ValueError(f"unknown attention {self.attention!r}; use one of {', '.join(ATTENTIONS)}")
         object.__setattr__(self, "attention", attention)
+
+    def _check_offload(self) -> None:
+        if self.inference:
+            raise ValueError("offload moves the optimizer state to the host; an inference prefill has none")
+        if self.optimizer not in ("adamw", "adamw-fused"):
+            raise ValueError(
+                f"offload models torchao's CPUOffloadOptimizer with AdamW (fused, on the host); "
+                f"use optimizer 'adamw', not {self.optimizer!r}"
+            )
+        if get_recipe(self.recipe).grad_scaler:
+            raise ValueError(
+                "offload with amp-fp16 is not modelled (GradScaler would unscale gradients the host already "
+                "copied); use amp-bf16, bf16 or fp32"
+            )
 
     @classmethod
     def of(cls, setup: Setup | None = None, **changes: Any) -> Setup:
@@ -90,6 +112,8 @@ class Setup:
             kind = "forward with logits at every position" if self.full_logits else "prefill"
             return f"{kind} (inference), batch {self.batch}, seq {self.seq}, {self.recipe}, {self.attention} attention"
         optimizer = {"adamw": "adamw (foreach)", "adam": "adam (foreach)"}.get(self.optimizer, self.optimizer)
+        if self.offload:
+            optimizer = "adamw offloaded (state and fused step in host memory, torchao CPUOffloadOptimizer)"
         return (
             f"training step, batch {self.batch}, seq {self.seq}, {self.recipe}, {optimizer}, "
             f"{self.attention} attention"

@@ -19,13 +19,19 @@ What the tracker cannot see: memory a kernel allocates internally and frees befo
 allocator's cache), and ops run on other threads (a dispatch mode is thread-local: a
 DataLoader's pin-memory thread is not seen).
 
+Work that a real run does in the host's memory (an optimizer offloaded to the CPU) says so
+with :func:`on_host`: while it is active no tracker records, adopts or limits anything, so a
+CPU emulation of a GPU run can keep its "host" tensors out of the "device" count.
+
 The tracker enforces nothing. Whoever needs a limit (:func:`vramlab.budget`) adds an
 allocation hook with :meth:`StorageTracker.add_alloc_hook`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,6 +47,23 @@ from .results import ROLES
 from .storages import real_storages, tensors_in
 
 PHASES: tuple[str, ...] = ("before", "forward", "backward", "optimizer")
+
+_host = threading.local()
+
+
+@contextlib.contextmanager
+def on_host() -> Iterator[None]:
+    """Run the block as host-memory work: no :class:`StorageTracker` in this thread records,
+    adopts or limits what it allocates or writes (the device does not hold it)."""
+    _host.depth = getattr(_host, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _host.depth -= 1
+
+
+def _on_host() -> bool:
+    return getattr(_host, "depth", 0) > 0
 
 
 @dataclass
@@ -250,11 +273,14 @@ class StorageTracker(TorchDispatchMode):
 
     def _step_post(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
         self._in_optimizer -= 1
-        self.mark_optimizer(optimizer)
+        if not _on_host():
+            self.mark_optimizer(optimizer)
 
     # -- the dispatch hook --------------------------------------------------------------
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        if _on_host():
+            return func(*args, **kwargs)
         if self._alloc_hooks:
             needed = _new_output_bytes(func, args, kwargs, self.device_type, self._rounded)
             if needed:

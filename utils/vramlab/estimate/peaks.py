@@ -12,7 +12,7 @@ from ..setups import Setup
 from ..units import format_bytes
 from .activations import activation_bytes, checkpoint_input_bytes, head_terms, layer_terms, rotary_bytes
 from .params import matmul_param_count, param_count, param_counts_by_part
-from .states import optimizer_state_bytes, optimizer_temp_bytes
+from .states import offload_bytes, optimizer_state_bytes, optimizer_temp_bytes
 
 
 @dataclass
@@ -26,6 +26,7 @@ class Estimate:
     state is alive through forward and backward too. ``first_step_peak_bytes`` and
     ``first_step_moment`` are the first step's (no state until its optimizer step).
     ``details`` holds what a special method adds to the :class:`Setup` (QLoRA's rank).
+    ``host_bytes``: with ``offload``, what the offloaded optimizer keeps in host memory.
     """
 
     model: str
@@ -40,6 +41,7 @@ class Estimate:
     source: str = "formula"
     first_step_peak_bytes: int = 0
     first_step_moment: str = ""
+    host_bytes: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """The object the CLI prints with --json (see :mod:`vramlab.results`)."""
@@ -51,6 +53,7 @@ class Estimate:
             moments=dict(self.moments),
             kv_cache_bytes=self.kv_cache_bytes,
             details=dict(self.details),
+            **({"host_bytes": self.host_bytes} if self.setup.offload else {}),
             **(
                 dict(first_step_peak_bytes=self.first_step_peak_bytes, first_step_moment=self.first_step_moment)
                 if self.first_step_moment
@@ -66,6 +69,8 @@ class Estimate:
         if self.kv_cache_bytes:
             lines.append(f"  {'(KV cache)':<12}{format_bytes(self.kv_cache_bytes):>12}  (included in other)")
         lines.append(f"  {'peak':<12}{format_bytes(self.peak_bytes):>12}")
+        if self.setup.offload:
+            lines.append(f"  (host memory: {format_bytes(self.host_bytes)} for the offloaded AdamW)")
         if self.first_step_moment:
             lines.append(
                 f"  (first step: {format_bytes(self.first_step_peak_bytes)} at {self.first_step_moment}; "
@@ -117,10 +122,16 @@ def estimate(model: str | ArchConfig, setup: Setup | None = None, **changes: Any
         arch, batch, seq, rec, setup.optimizer, setup.checkpointing, setup.attention
     )
     first: dict[str, Any] = {}
+    host = 0
+    state = 0 if setup.inference else optimizer_state_bytes(arch, setup.optimizer, rec.name)
+    if setup.offload:
+        split = offload_bytes(arch, rec.name)
+        state, host = split["device_state"], split["host"]
+        moments["optimizer step"] = {**moments["optimizer step"], "optimizer": state, "other": 0}  # fused: no temp
     if not setup.inference:
         first_name = _largest(moments)
         first = dict(first_step_peak_bytes=sum(moments[first_name].values()), first_step_moment=first_name)
-        moments = steady_state(moments, optimizer_state_bytes(arch, setup.optimizer, rec.name))
+        moments = steady_state(moments, state)
     name = _largest(moments)
     if sum(moments[name].values()) > MAX_BYTES:
         raise too_large(f"{arch.name} with {setup.describe()}")
@@ -134,6 +145,7 @@ def estimate(model: str | ArchConfig, setup: Setup | None = None, **changes: Any
         peak_moment=name,
         moments={k: sum(v.values()) for k, v in moments.items()},
         kv_cache_bytes=kv,
+        host_bytes=host,
         **first,
     )
 

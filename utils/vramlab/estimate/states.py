@@ -6,6 +6,7 @@ import math
 
 from ..models import ArchConfig
 from ..recipes import check_optimizer, get_recipe
+from ..setups import MINIMAL_SIZE
 from .params import param_count, param_tensor_shapes
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1, "int4": 0.5}
@@ -58,3 +59,23 @@ def optimizer_temp_bytes(arch: ArchConfig, optimizer: str, recipe: str = "fp32")
     if optimizer == "adafactor":
         return sum(math.prod(s) for s in param_tensor_shapes(arch) if len(s) >= 2) * p  # var_estimates
     return 0
+
+
+def offload_split(arch: ArchConfig) -> tuple[int, int]:
+    """Parameters that torchao's ``CPUOffloadOptimizer`` steps on the host (tensors of
+    4096 elements or more) and on the device: ``(host, device)`` element counts."""
+    sizes = [math.prod(shape) for shape in param_tensor_shapes(arch)]
+    host = sum(n for n in sizes if n >= MINIMAL_SIZE)
+    return host, sum(sizes) - host
+
+
+def offload_bytes(arch: ArchConfig, recipe: str = "fp32") -> dict[str, int]:
+    """AdamW offloaded as torchao's ``CPUOffloadOptimizer`` does by default (bytes):
+    ``device_state``, the AdamW state of the small parameters stepped on the device, and
+    ``host``, what host memory holds for the others: a copy of each parameter, a gradient
+    buffer and two AdamW moments, all in the parameters' dtype (4 x its bytes per element),
+    plus one fp32 step counter per tensor."""
+    p = get_recipe(recipe).param_bytes
+    host, device = offload_split(arch)
+    tensors = sum(1 for shape in param_tensor_shapes(arch) if math.prod(shape) >= MINIMAL_SIZE)
+    return {"device_state": 2 * p * device, "host": 4 * p * host + 4 * tensors}
