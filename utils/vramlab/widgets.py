@@ -1,13 +1,19 @@
 """The memory calculator: an ipywidgets panel over :func:`vramlab.estimate`.
 
-``memory_calculator()`` prints a text report of its starting set-up (so the numbers show
-where widgets cannot render: nbval, nbconvert, a terminal) and returns the interactive
-panel: model or config.json, batch, sequence, recipe, optimizer, checkpointing, training or
-inference, drawn as a stacked bar against GPU sizes with a fits / does-not-fit verdict.
+``memory_calculator()`` prints a text report of its starting set-up and returns the
+interactive panel: model or config.json, batch and sequence sliders, recipe, optimizer,
+checkpointing, training or inference, drawn as a stacked bar against GPU sizes with a fits /
+does-not-fit verdict. Where widgets cannot run (no kernel: the course's website, nbconvert)
+the panel shows a static fallback instead, from its ``text/html`` representation: the
+starting set-up's breakdown as a picture and a table of peaks over batch and sequence length.
 """
 
 from __future__ import annotations
 
+import base64
+import functools
+import html
+import io
 from typing import Any
 
 from .estimate import Estimate, estimate
@@ -18,6 +24,9 @@ from .setups import Setup
 from .units import format_bytes
 
 START = Setup(batch=1, seq=2048, recipe="amp-bf16")
+BATCHES = (1, 2, 4, 8, 16, 32)  # the fallback table's rows
+SEQS = (512, 1024, 2048, 4096, 8192)  # its columns
+SEQ_STOPS = tuple(2**k for k in range(6, 18))  # the sequence slider: 64 ... 131072 tokens
 
 
 def calculate(model: str = "llama-2-7b", config_path: str = "", **setup: Any) -> Estimate:
@@ -38,26 +47,34 @@ def fit_report(est: Estimate, gpus: dict[str, int] | None = None, headroom: int 
 
 def memory_calculator(**start: Any) -> Any:
     """Print the report for ``start`` (keyword arguments of :func:`calculate`) and return
-    the interactive panel (display it as a cell's last expression)."""
+    the interactive panel (display it as a cell's last expression). The panel's
+    ``estimate`` is the :class:`Estimate` it shows now."""
     import ipywidgets as w
-    import matplotlib.pyplot as plt
-
-    from .plots import plot_breakdown
 
     first = calculate(**start)
     print(fit_report(first))
     s = {"model": "llama-2-7b", "config_path": "", **first.setup.to_json(), **start}
+    seqs = sorted(set(SEQ_STOPS) | {s["seq"]})
     controls = {
         "model": w.Dropdown(options=list(REGISTRY), value=s["model"], description="model"),
         "config_path": w.Text(value=s["config_path"], description="config.json", placeholder="optional path"),
-        "batch": w.BoundedIntText(value=s["batch"], min=1, max=1 << 20, description="batch"),
-        "seq": w.BoundedIntText(value=s["seq"], min=1, max=1 << 22, description="sequence"),
+        "batch": w.IntSlider(value=s["batch"], min=1, max=max(256, s["batch"]), description="batch"),
+        "seq": w.SelectionSlider(options=seqs, value=s["seq"], description="sequence"),
         "recipe": w.Dropdown(options=RECIPES, value=s["recipe"], description="recipe"),
         "optimizer": w.Dropdown(options=OPTIMIZERS, value=s["optimizer"], description="optimizer"),
         "checkpointing": w.Checkbox(value=s["checkpointing"], description="activation checkpointing"),
         "inference": w.ToggleButtons(options=[("training step", False), ("inference", True)], value=s["inference"]),
     }
-    out = w.Output()
+    panel = _panel_class()(
+        [
+            w.HBox([controls["model"], controls["config_path"]]),
+            w.HBox([controls["batch"], controls["seq"]]),
+            w.HBox([controls["recipe"], controls["optimizer"]]),
+            w.HBox([controls["checkpointing"], controls["inference"]]),
+            out := w.Output(),
+        ]
+    )
+    panel.estimate, panel.fallback = first, static_html(first)
 
     def redraw(*_: Any) -> None:
         with out:
@@ -67,21 +84,81 @@ def memory_calculator(**start: Any) -> Any:
             except (ValueError, KeyError, FileNotFoundError) as err:
                 print(f"cannot estimate: {err}")
                 return
-            fig, ax = plt.subplots(figsize=(7, 4))
-            when = "steady-state peak" if est.first_step_moment else "peak"
-            plot_breakdown({est.model: est.breakdown}, title=f"{est.model}: {when} at {est.peak_moment}", ax=ax)
+            panel.estimate = est
+            _breakdown_figure(est)
+            import matplotlib.pyplot as plt
+
             plt.show()
             print(fit_report(est))
 
     for control in controls.values():
         control.observe(redraw, names="value")
     redraw()
-    return w.VBox(
-        [
-            w.HBox([controls["model"], controls["config_path"]]),
-            w.HBox([controls["batch"], controls["seq"]]),
-            w.HBox([controls["recipe"], controls["optimizer"]]),
-            w.HBox([controls["checkpointing"], controls["inference"]]),
-            out,
-        ]
+    return panel
+
+
+def _breakdown_figure(est: Estimate) -> Any:
+    import matplotlib.pyplot as plt
+
+    from .plots import plot_breakdown
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    when = "steady-state peak" if est.first_step_moment else "peak"
+    plot_breakdown({est.model: est.breakdown}, title=f"{est.model}: {when} at {est.peak_moment}", ax=ax)
+    return fig
+
+
+def static_html(est: Estimate) -> str:
+    """The calculator where widgets cannot run: ``est``'s breakdown as an embedded PNG and
+    a table of its set-up's peak over :data:`BATCHES` x :data:`SEQS`, each cell with the
+    smallest GPU of :data:`vramlab.hardware.GPUS` that fits it."""
+    import matplotlib.pyplot as plt
+
+    fig = _breakdown_figure(est)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    png = base64.b64encode(buffer.getvalue()).decode()
+    head = "".join(f"<th>seq {q}</th>" for q in SEQS)
+    rows = []
+    for b in BATCHES:
+        cells = []
+        for q in SEQS:
+            try:
+                peak = estimate(get_arch(est.model), Setup.of(est.setup, batch=b, seq=q)).peak_bytes
+            except ValueError:
+                cells.append("<td>–</td>")
+                continue
+            gpu = next((name for name, size in GPUS.items() if fits(peak, size)), "none listed")
+            cells.append(f"<td>{format_bytes(peak)}<br><small>{html.escape(gpu)}</small></td>")
+        rows.append(f"<tr><th>batch {b}</th>{''.join(cells)}</tr>")
+    return (
+        '<div class="vramlab-calculator-fallback">'
+        "<p><strong>Memory calculator, static view.</strong> The interactive panel needs a running "
+        "Python kernel (open this notebook in JupyterLab or Colab). Below: the starting set-up, "
+        f"{html.escape(est.setup.describe())}, and its peak over batch and sequence length, with the "
+        "smallest listed GPU that fits it.</p>"
+        f'<img alt="{html.escape(est.model)} memory breakdown" src="data:image/png;base64,{png}">'
+        f"<table><caption>{html.escape(est.model)}: peak memory (formula estimate)</caption>"
+        f"<tr><th></th>{head}</tr>{''.join(rows)}</table></div>"
     )
+
+
+@functools.cache
+def _panel_class() -> type:
+    """The calculator's panel class (built on first use: ipywidgets is imported lazily)."""
+    import ipywidgets as w
+
+    class Panel(w.VBox):
+        """A VBox whose static representation (``text/html``) is the calculator's fallback."""
+
+        estimate: Estimate
+        fallback: str = ""
+
+        def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+            bundle = super()._repr_mimebundle_(**kwargs)
+            if bundle is not None and self.fallback:
+                bundle["text/html"] = self.fallback
+            return bundle
+
+    return Panel
