@@ -50,3 +50,13 @@ def test_the_fallback_marks_set_ups_the_model_cannot_take():
     est = estimate("gpt2", batch=1, seq=1024)
     html = static_html(est)
     assert html.count("<td>–</td>") == len(BATCHES) * sum(q > 1024 for q in SEQS)  # GPT-2 has 1024 positions
+
+
+def test_breakdown_plot_draws_a_line_for_every_gpu():
+    """Every GPU of the list gets its line and legend entry (the fifth, H100, used to be dropped)."""
+    from vramlab.hardware import GPUS
+    from vramlab.plots import plot_breakdown
+
+    ax = plot_breakdown({"x": {"parameters": 2**30}})
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert all(name in labels for name in GPUS) and len(GPUS) >= 5

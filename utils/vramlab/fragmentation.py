@@ -189,7 +189,13 @@ if __name__ == "__main__":
         import torch
 
         runs = [run_cuda(n, expandable=e, capacity=ns.capacity).__dict__ for n in SCENARIOS for e in (False, True)]
-        meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "capacity": ns.capacity}
+        meta = {
+            "notebook": "chapters/05_anatomy_of_an_oom.ipynb",  # the website shows the record on that page
+            "device": torch.cuda.get_device_name(),
+            "torch": torch.__version__,
+            "date": __import__("datetime").date.today().isoformat(),
+            "capacity": ns.capacity,
+        }
         with open(ns.record, "w") as fh:
             json.dump({**meta, "runs": runs}, fh, indent=1)
         print(f"wrote {ns.record}")

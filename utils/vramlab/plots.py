@@ -5,6 +5,7 @@ matplotlib is imported inside each function, so importing vramlab stays light.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -67,7 +68,8 @@ def plot_breakdown(
         values = [bars[n].get(role, 0) / div for n in names]
         ax.bar(names, values, bottom=bottom, color=ROLE_COLORS[role], label=role)
         bottom = [b + v for b, v in zip(bottom, values)]
-    for (gpu, size), style in zip(lines.items(), ("--", "-.", ":", (0, (5, 1)))):
+    styles = itertools.cycle(("--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))))  # one line per GPU, none dropped
+    for (gpu, size), style in zip(lines.items(), styles):
         ax.axhline(size / div, color="k", ls=style, lw=1, label=gpu)
     ax.set(title=title, ylabel=f"memory ({unit})")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
