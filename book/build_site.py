@@ -142,7 +142,7 @@ def page(nb: Any, relative: str, records: list[tuple[str, dict[str, Any]]]) -> A
 
 def home(stamps: dict[str, dict[str, Any]]) -> str:
     """The home page: what the course is, how these pages were made, the course map."""
-    machines = sorted({executed.describe({**s, "date": s["date"], "commit": ""}) for s in stamps.values()})
+    machines = sorted({executed.describe_machine(s) for s in stamps.values()})
     rows = [f"| {n} | [{Path(p).stem}]({p}) | {what} |" for n, p, what in course_map()]
     sols = [f"- [{Path(p).stem}]({p})" for p in solutions()]
     toc_course = "\n".join(p.removesuffix(".ipynb") for _, p, _ in course_map())

@@ -88,16 +88,18 @@ def machine() -> dict[str, Any]:
     }
 
 
-def describe(stamp: dict[str, Any]) -> str:
-    """One line naming the machine of a stamp, e.g. ``CPU: AMD EPYC ..., 2 cores, 24.0 GiB
-    RAM, no GPU; torch 2.13.0+cpu, Python 3.11.7; commit abc1234, 2026-11-30``."""
+def describe_machine(stamp: dict[str, Any]) -> str:
+    """The machine of a stamp, e.g. ``CPU: AMD EPYC, 2 cores, 23.5 GiB RAM, no GPU; torch
+    2.13.0+cpu, Python 3.11.7``."""
     ram = f", {stamp['ram_gib']} GiB RAM" if stamp.get("ram_gib") else ""
     gpu = f"GPU: {stamp['gpu']}" if stamp.get("gpu") else "no GPU"
+    return f"CPU: {stamp['cpu']}, {stamp['cores']} cores{ram}, {gpu}; torch {stamp['torch']}, Python {stamp['python']}"
+
+
+def describe(stamp: dict[str, Any]) -> str:
+    """The machine of a stamp, then the commit and date of the run."""
     commit = f"commit {stamp['commit']}, " if stamp.get("commit") else ""
-    return (
-        f"CPU: {stamp['cpu']}, {stamp['cores']} cores{ram}, {gpu}; torch {stamp['torch']}, "
-        f"Python {stamp['python']}; {commit}{stamp['date']}"
-    )
+    return f"{describe_machine(stamp)}; {commit}{stamp['date']}"
 
 
 def cached_path(relative: str | Path) -> Path:

@@ -186,6 +186,8 @@ if __name__ == "__main__":
     parser.add_argument("--record", metavar="PATH", help="run every scenario, both settings; write to PATH")
     ns = parser.parse_args()
     if ns.record:
+        import datetime
+
         import torch
 
         runs = [run_cuda(n, expandable=e, capacity=ns.capacity).__dict__ for n in SCENARIOS for e in (False, True)]
@@ -193,7 +195,7 @@ if __name__ == "__main__":
             "notebook": "chapters/05_anatomy_of_an_oom.ipynb",  # the website shows the record on that page
             "device": torch.cuda.get_device_name(),
             "torch": torch.__version__,
-            "date": __import__("datetime").date.today().isoformat(),
+            "date": datetime.date.today().isoformat(),
             "capacity": ns.capacity,
         }
         with open(ns.record, "w") as fh:
