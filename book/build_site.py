@@ -140,11 +140,16 @@ def page(nb: Any, relative: str, records: list[tuple[str, dict[str, Any]]]) -> A
     return nb
 
 
-def home(stamps: dict[str, dict[str, Any]]) -> str:
+def title(nb: Any) -> str:
+    """A notebook's title: the first line of its first cell, without the heading marks."""
+    return nb.cells[0].source.splitlines()[0].lstrip("# ").strip()
+
+
+def home(stamps: dict[str, dict[str, Any]], titles: dict[str, str]) -> str:
     """The home page: what the course is, how these pages were made, the course map."""
     machines = sorted({executed.describe_machine(s) for s in stamps.values()})
-    rows = [f"| {n} | [{Path(p).stem}]({p}) | {what} |" for n, p, what in course_map()]
-    sols = [f"- [{Path(p).stem}]({p})" for p in solutions()]
+    rows = [f"| {n} | [{titles[p]}]({p}) | {what} |" for n, p, what in course_map()]
+    sols = [f"- [{titles[p]}]({p})" for p in solutions()]
     toc_course = "\n".join(p.removesuffix(".ipynb") for _, p, _ in course_map())
     toc_solutions = "\n".join(p.removesuffix(".ipynb") for p in solutions())
     return "\n".join(
@@ -190,15 +195,15 @@ def assemble(reuse_only: bool) -> tuple[int, int]:
     records = gpu_records()
     shutil.rmtree(SRC, ignore_errors=True)
     reused = ran = 0
-    stamps = {}
+    stamps, titles = {}, {}
     for relative in [p for _, p, _ in course_map()] + solutions():
         nb, was_cached = executed_notebook(relative, library, reuse_only, stamp)
         reused, ran = reused + was_cached, ran + (not was_cached)
-        stamps[relative] = nb.metadata[executed.META]
+        stamps[relative], titles[relative] = nb.metadata[executed.META], title(nb)
         target = SRC / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         nbformat.write(page(nb, relative, records.get(relative, [])), str(target))
-    (SRC / "index.md").write_text(home(stamps), encoding="utf-8")
+    (SRC / "index.md").write_text(home(stamps, titles), encoding="utf-8")
     return reused, ran
 
 

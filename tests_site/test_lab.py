@@ -27,9 +27,15 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def lab_url() -> Iterator[str]:
+def lab_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Start `make lab` on a free port and yield the URL it prints (with its token)."""
-    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(ROOT / "build" / "test-jupyter-config")}
+    isolated = tmp_path_factory.mktemp("jupyter")  # no user settings or saved workspaces
+    env = {
+        **os.environ,
+        "JUPYTER_CONFIG_DIR": str(isolated / "config"),
+        "JUPYTERLAB_WORKSPACES_DIR": str(isolated / "workspaces"),
+        "JUPYTERLAB_SETTINGS_DIR": str(isolated / "settings"),
+    }
     proc = subprocess.Popen(
         ["make", "--no-print-directory", "lab", f"PORT={_free_port()}"],
         cwd=ROOT,
@@ -69,7 +75,7 @@ def test_make_lab_opens_chapter_00(page, lab_url):
     assert "00_start_here.ipynb" in lab_url
     page.goto(lab_url)
     page.wait_for_selector(".jp-NotebookPanel", timeout=60_000)
-    heading = page.locator(".jp-NotebookPanel .jp-MarkdownOutput h1").first
+    heading = page.locator(".jp-NotebookPanel:visible .jp-MarkdownOutput h1").first
     heading.wait_for(timeout=30_000)
     assert heading.inner_text().startswith("00")
 
