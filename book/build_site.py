@@ -87,7 +87,10 @@ def gpu_records() -> dict[str, list[tuple[str, dict[str, Any]]]]:
     """Records in docs/gpu-runs that name their notebook, by notebook path."""
     found: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     for path in sorted(GPU_RUNS.glob("*.json")):
-        record = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise SystemExit(f"book: {path.relative_to(ROOT)} is not valid JSON ({err}); fix or remove it") from None
         if isinstance(record, dict) and isinstance(record.get("notebook"), str):
             found.setdefault(record["notebook"], []).append((path.name, record))
     return found

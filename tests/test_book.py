@@ -110,3 +110,11 @@ def test_saved_copy_is_reused_only_under_its_key(tmp_path, monkeypatch):
     executed.save(_executed_nb(), "chapters/05.ipynb", "key-1", STAMP, 1.0)
     assert executed.load_if_current("chapters/05.ipynb", "key-1") is not None
     assert executed.load_if_current("chapters/05.ipynb", "key-2") is None
+
+
+def test_a_broken_gpu_record_is_named(tmp_path, monkeypatch):
+    (tmp_path / "bad.json").write_text("{not json")
+    monkeypatch.setattr(build, "GPU_RUNS", tmp_path)
+    monkeypatch.setattr(build, "ROOT", tmp_path.parent)
+    with pytest.raises(SystemExit, match="bad.json is not valid JSON"):
+        build.gpu_records()
