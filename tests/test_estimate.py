@@ -3,6 +3,7 @@
 import pytest
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from tiny_archs import TINY_GPT2, TINY_LLAMA
 from vramlab import REGISTRY, estimate, get_arch, kv_cache_bytes, param_count
 from vramlab.dryrun import build_hf_model, dryrun, realrun
 from vramlab.estimate import (
@@ -104,21 +105,6 @@ def test_unknown_names():
         estimate("gpt2", recipe="fp8")
     with pytest.raises(ValueError, match="unknown optimizer"):
         estimate("gpt2", optimizer="lion")
-
-
-TINY_LLAMA = get_arch("llama-2-7b").with_(
-    name="tiny-llama", vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=160
-)
-TINY_GPT2 = get_arch("gpt2").with_(
-    name="tiny-gpt2",
-    vocab_size=512,
-    hidden_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=4,
-    intermediate_size=256,
-    max_position=128,
-)
 
 
 @pytest.mark.parametrize("arch", [TINY_LLAMA, TINY_GPT2], ids=lambda a: a.name)

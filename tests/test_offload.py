@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from tiny_archs import TINY_GPT2, TINY_LLAMA
 from vramlab import Setup, estimate, get_arch
 from vramlab.cli import main
 from vramlab.dryrun import dryrun, realrun
@@ -15,13 +16,6 @@ from vramlab.estimate import offload_bytes, optimizer_state_bytes, param_count
 from vramlab.estimate.params import param_tensor_shapes
 from vramlab.offload import OffloadedAdamW
 from vramlab.tracker import on_host
-
-TINY_LLAMA = get_arch("llama-2-7b").with_(
-    name="tiny-llama", vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=160
-)
-TINY_GPT2 = get_arch("gpt2").with_(
-    name="tiny-gpt2", vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=256
-)
 
 
 @pytest.mark.parametrize("arch", [TINY_LLAMA, TINY_GPT2], ids=lambda a: a.name)

@@ -16,6 +16,7 @@ from .hardware import CONTEXT_HEADROOM, fits
 from .models import ArchConfig, get_arch
 from .planner import Plan, first_fit
 from .results import TooLarge
+from .search import largest_passing
 from .setups import Setup
 from .units import format_bytes
 
@@ -85,8 +86,8 @@ def largest_batch(
     model: str | ArchConfig, gpu_bytes: int, setup: Setup | None = None, headroom: int = CONTEXT_HEADROOM
 ) -> Fit:
     """The largest batch of ``setup`` (its batch is ignored) whose steady-state peak fits
-    ``gpu_bytes`` with ``headroom`` spare: doubling, then bisection, on the formula (the peak
-    grows with the batch). Training and inference (a prefill) both work."""
+    ``gpu_bytes`` with ``headroom`` spare: :func:`vramlab.search.largest_passing` on the
+    formula (the peak grows with the batch). Training and inference (a prefill) both work."""
     arch = get_arch(model)
     setup = Setup.of(setup, batch=1)
     if gpu_bytes <= 0:
@@ -96,13 +97,8 @@ def largest_batch(
         peak = _peak(arch, setup, batch)
         return peak is not None and fits(peak, gpu_bytes, headroom)
 
-    if not ok(1):
+    low = largest_passing(ok, 1, MAX_BATCH).largest  # doubling, then bisection
+    if not low:
         plan = None if setup.inference else first_fit(arch, gpu_bytes, batch=1, seq=setup.seq, headroom=headroom)
         return Fit(arch.name, gpu_bytes, setup, 0, _peak(arch, setup, 1) or 0, headroom, plan)
-    low, high = 1, 2
-    while high <= MAX_BATCH and ok(high):
-        low, high = high, 2 * high
-    while high - low > 1 and high <= MAX_BATCH:
-        mid = (low + high) // 2
-        low, high = (mid, high) if ok(mid) else (low, mid)
     return Fit(arch.name, gpu_bytes, Setup.of(setup, batch=low), low, _peak(arch, setup, low) or 0, headroom)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from .estimate.qlora import LORA_TARGETS
+
+TARGETS = tuple(f"{name}_proj" for name in LORA_TARGETS)  # the linears the LoRA formula counts, by module name
 
 
 class LoRALinear(nn.Module):

@@ -114,14 +114,18 @@ def torchao_int4_unpacked(model: nn.Module, group: int = 32, filter_fn: Filter =
 INT4_PACKED_GROUPS = (32, 64, 128, 256)  # the group sizes CUDA's tinygemm int4 kernel takes
 
 
+def _check_int4_group(group: int) -> None:
+    if group not in INT4_PACKED_GROUPS:
+        raise ValueError(f"the packed int4 kernel takes group sizes {INT4_PACKED_GROUPS}, got {group!r}")
+
+
 def int4_packed_bytes(out_features: int, in_features: int, group: int = 32) -> int:
     """Bytes of one ``out_features × in_features`` weight in torchao's packed int4 layout
     (``Int4WeightOnlyConfig(int4_packing_format="tile_packed_to_4d")``, CUDA's tinygemm
     kernel): the input features are padded to a multiple of 1024 and the output features to
     8, two 4-bit codes share a byte, and each row keeps a bf16 scale and a bf16 zero point
     per ``group`` inputs."""
-    if group not in INT4_PACKED_GROUPS:
-        raise ValueError(f"the packed int4 kernel takes group sizes {INT4_PACKED_GROUPS}, got {group!r}")
+    _check_int4_group(group)
     if out_features <= 0 or in_features <= 0:
         raise ValueError("a weight needs at least one output and one input feature")
     rows = -(-out_features // 8) * 8
@@ -151,8 +155,7 @@ def torchao_int4_packed(model: nn.Module, group: int = 32, filter_fn: Filter = l
             f"torchao's packed int4 layout is not available: {reason}. For packed 4-bit weights on any "
             "device use bnb_linears(model, bits=4) (bitsandbytes NF4)."
         )
-    if group not in INT4_PACKED_GROUPS:
-        raise ValueError(f"the packed int4 kernel takes group sizes {INT4_PACKED_GROUPS}, got {group!r}")
+    _check_int4_group(group)
     weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
     if any(w.dtype != torch.bfloat16 or w.device.type != "cuda" for w in weights):
         raise ValueError("the packed int4 kernel needs a bf16 model on the GPU: call model.to('cuda', torch.bfloat16)")

@@ -1,12 +1,14 @@
-"""Find the largest batch that fits: double until out of memory, then bisect."""
+"""Find the largest batch that fits: double until it does not, then bisect.
+
+:func:`largest_passing` is the search on any yes/no test (the formula's ``vramlab fit`` uses
+it, without torch); :func:`largest_batch` runs it on real steps that may run out of memory.
+"""
 
 from __future__ import annotations
 
 import gc
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import torch
 
 
 @dataclass
@@ -22,6 +24,8 @@ class BatchSearch:
 
 
 def _runs(step: Callable[[int], object], batch: int) -> bool:
+    import torch
+
     try:
         step(batch)
         return True
@@ -33,15 +37,11 @@ def _runs(step: Callable[[int], object], batch: int) -> bool:
             torch.cuda.empty_cache()
 
 
-def largest_batch(step: Callable[[int], object], start: int = 1, limit: int = 1 << 16) -> BatchSearch:
-    """Largest batch size for which ``step(batch)`` raises no ``torch.OutOfMemoryError``.
-
-    ``step`` must run one full step at that batch size inside a memory budget (a real GPU,
-    or :func:`vramlab.budget` on a CPU) and keep no reference to what it allocated. The
-    search doubles from ``start`` until a batch fails (or ``limit`` is reached), then
-    bisects between the last success and the first failure. Returns 0 in ``largest``
-    when even ``start`` does not fit.
-    """
+def largest_passing(ok: Callable[[int], bool], start: int = 1, limit: int = 1 << 16) -> BatchSearch:
+    """The largest batch from ``start`` to ``limit`` for which ``ok(batch)`` is true, assuming
+    that once a batch fails every larger one does: double from ``start`` until a batch fails
+    (or ``limit`` is passed), then bisect between the last success and the first failure.
+    ``largest`` is 0 when even ``start`` fails."""
     if not isinstance(start, int) or start < 1:
         raise ValueError(f"start must be a positive integer batch size, got {start!r}")
     if not isinstance(limit, int) or limit < start:
@@ -49,7 +49,7 @@ def largest_batch(step: Callable[[int], object], start: int = 1, limit: int = 1 
     tried: dict[int, bool] = {}
     good, bad, batch = 0, None, start
     while batch <= limit:
-        tried[batch] = _runs(step, batch)
+        tried[batch] = ok(batch)
         if not tried[batch]:
             bad = batch
             break
@@ -59,6 +59,18 @@ def largest_batch(step: Callable[[int], object], start: int = 1, limit: int = 1 
     low, high = good, bad  # low fits (or is 0), high does not
     while high - low > 1:
         middle = (low + high) // 2
-        tried[middle] = _runs(step, middle)
+        tried[middle] = ok(middle)
         low, high = (middle, high) if tried[middle] else (low, middle)
     return BatchSearch(low, tried)
+
+
+def largest_batch(step: Callable[[int], object], start: int = 1, limit: int = 1 << 16) -> BatchSearch:
+    """Largest batch size for which ``step(batch)`` raises no ``torch.OutOfMemoryError``.
+
+    ``step`` must run one full step at that batch size inside a memory budget (a real GPU,
+    or :func:`vramlab.budget` on a CPU) and keep no reference to what it allocated. The
+    search is :func:`largest_passing`: doubling from ``start`` until a batch fails (or
+    ``limit`` is reached), then bisecting. Returns 0 in ``largest`` when even ``start`` does
+    not fit.
+    """
+    return largest_passing(lambda batch: _runs(step, batch), start, limit)
