@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import importlib.util
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import pytest
 NOTEBOOK_BUDGET_S = 60.0
 ROOT = Path(__file__).resolve().parent
 _durations: dict[str, float] = defaultdict(float)
-_notebooks: dict[str, dict[str, Any]] = {}  # path -> {"file": IPyNbFile, "passed": n, "cells": n}
+_notebooks: dict[str, dict[str, Any]] = {}  # path -> {"file": its IPyNbFile, "passed": cells passed}
 
 
 def _executed_module() -> Any:
@@ -46,7 +45,7 @@ def pytest_runtest_makereport(item, call):  # type: ignore[no-untyped-def]
     cell, outputs = getattr(item, "cell", None), getattr(item, "test_outputs", None)
     if report.when != "call" or cell is None or not str(item.fspath).endswith(".ipynb"):
         return
-    entry = _notebooks.setdefault(str(item.fspath), {"file": item.parent, "passed": 0, "started": time.time()})
+    entry = _notebooks.setdefault(str(item.fspath), {"file": item.parent, "passed": 0})
     if report.passed and outputs is not None:
         entry["passed"] += 1
         cell.outputs = outputs

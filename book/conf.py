@@ -21,7 +21,6 @@ nb_execution_mode = "off"  # the outputs come from the test run (build/executed)
 nb_ipywidgets_js: dict[str, dict[str, str]] = {}  # no CDN scripts: widgets show their static fallback
 nb_mime_priority_overrides = [("html", "application/vnd.jupyter.widget-view+json", None)]
 exclude_patterns = ["_build", "**.ipynb_checkpoints"]
-suppress_warnings = ["mystnb.unknown_mime_type"]
 
 html_theme = "sphinx_book_theme"
 html_title = "VRAM Lab"
