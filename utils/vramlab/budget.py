@@ -3,14 +3,19 @@
 >>> with budget("2 GiB", model, optimizer) as m:
 ...     train_step()          # raises torch.OutOfMemoryError past 2 GiB
 
-On a CPU the budget hooks the storage tracker's allocations: it refuses, before it
-allocates, any op whose new tensors would take the live total past the budget, and raises a
+The budget means the same on every device: it hooks the storage tracker's allocations and
+refuses, before it allocates, any op whose new tensors would take the tracked live total (what
+the block was given plus what it made: ``Measurement.peak_bytes``) past the budget, raising a
 real ``torch.OutOfMemoryError`` whose message has CUDA's fields (tried to allocate, total
-capacity, free, in use; see :mod:`vramlab.oom`). On CUDA the caching allocator is capped with
-``torch.cuda.set_per_process_memory_fraction``; the cap counts what the allocator
-*reserves*, cache included, as a real smaller GPU would.
+capacity, free, in use; see :mod:`vramlab.oom`). So a budget of a block's measured peak fits,
+and one byte less does not, on a CPU and on a GPU alike.
 
-The CPU budget sees only the thread that runs the block (a dispatch mode is thread-local):
+``allocator_cap=True`` (CUDA only) caps the real caching allocator instead, with
+``torch.cuda.set_per_process_memory_fraction``: that cap counts what the whole process
+*reserves*, cache, block rounding and fragmentation included, as a smaller GPU would, and the
+error is CUDA's own message.
+
+The tracked budget sees only the thread that runs the block (a dispatch mode is thread-local):
 tensors made by other threads, a DataLoader's pin-memory thread for one, are not refused.
 """
 
@@ -32,25 +37,39 @@ class budget:
     Args:
         size: the budget, e.g. ``"2 GiB"``, ``"16GB"`` (decimal) or a whole number of bytes.
         *track: objects alive before the block that count against the budget (model,
-            optimizer, inputs). On a CPU only tracked objects and what the block creates
-            count; on CUDA everything the process has allocated on the device counts.
+            optimizer, inputs): they and what the block creates count, on every device.
         device: "cpu" or "cuda" (default: as :class:`vramlab.measure` chooses).
+        allocator_cap: CUDA only: cap the caching allocator's reserved bytes for the whole
+            process at ``size`` instead (everything alive on the GPU counts, cache included).
 
-    On a CPU only the thread that runs the block is seen (a dispatch mode is thread-local):
-    tensors made by other threads are not counted and not refused.
+    Only the thread that runs the block is seen (a dispatch mode is thread-local): tensors
+    made by other threads are not counted and not refused (``allocator_cap`` sees them).
 
     Yields the :class:`Measurement` of the block (also ``self.result``, which exists even
     when the budget refuses what is alive before the block starts). On exit, also after an
     out-of-memory error, the previous allocator cap is restored and the garbage collector runs.
     """
 
-    def __init__(self, size: int | str, *track: Any, device: str | None = None, timeline: bool = False) -> None:
+    def __init__(
+        self,
+        size: int | str,
+        *track: Any,
+        device: str | None = None,
+        timeline: bool = False,
+        allocator_cap: bool = False,
+    ) -> None:
         self.limit = parse_bytes(size)
         if self.limit <= 0:
             raise ValueError(f"a budget must be more than 0 bytes, got {size!r}")
         self._measure = measure(*track, device=device, timeline=timeline)
         self.device = self._measure.device
-        if self.device == "cpu":  # on CUDA the allocator itself is capped (_cap_cuda)
+        self.allocator_cap = bool(allocator_cap)
+        if self.allocator_cap and self.device != "cuda":
+            raise ValueError(
+                f"allocator_cap=True caps the CUDA caching allocator; this budget measures {self.device!r}. "
+                "Leave it out: the tracked budget means the same on every device."
+            )
+        if not self.allocator_cap:
             self._measure.add_alloc_hook(self._refuse)
         self._old_fraction: float | None = None
 
@@ -65,14 +84,14 @@ class budget:
             raise torch.OutOfMemoryError(format_oom_message(request, self.limit, in_use))
 
     def __enter__(self) -> Measurement:
-        if self.device == "cuda":
+        if self.allocator_cap:
             self._cap_cuda()
         try:
             result = self._measure.__enter__()
         except BaseException:
             self._restore()
             raise
-        if self.device == "cpu" and result.baseline_bytes > self.limit:
+        if not self.allocator_cap and result.baseline_bytes > self.limit:
             self.__exit__(None, None, None)
             raise torch.OutOfMemoryError(
                 f"vramlab budget: what is already alive ({format_bytes(result.baseline_bytes)}) exceeds the "
@@ -102,7 +121,7 @@ class budget:
 
     def _restore(self) -> None:
         gc.collect()
-        if self.device == "cuda" and self._old_fraction is not None:
+        if self.allocator_cap and self._old_fraction is not None:
             torch.cuda.set_per_process_memory_fraction(self._old_fraction)
             torch.cuda.empty_cache()
             self._old_fraction = None

@@ -1,13 +1,17 @@
-"""Measure the memory of a block of code, with one call shape on every device.
+"""Measure the memory of a block of code, with one meaning on every device.
 
 >>> with measure(model, optimizer) as m:
 ...     loss = model(x).sum(); loss.backward(); optimizer.step()
 >>> print(m)            # peak, breakdown by role, and where the numbers came from
 
-On CUDA the peak comes from the caching allocator (``max_memory_allocated``), the truth a GPU
-run is judged by; the storage tracker runs beside it only to split the bytes by role. On a
-CPU the tracker is the measurement. Under ``FakeTensorMode`` the tracker measures a dry run:
-exact tensor sizes, no memory used. ``Measurement.source`` says which of these it was.
+The primary numbers (``peak_bytes``, ``end_bytes``, ``baseline_bytes``, ``breakdown`` and
+their deltas) are the same quantity on a CPU, on CUDA and in a dry run: the bytes of the live
+tensor storages a :class:`~vramlab.tracker.StorageTracker` sees, that is what the block
+allocates plus what it is given. An assert written against them on one device holds on the
+others unless the kernels differ. On CUDA the caching allocator's own view comes beside them
+under its own names (``allocated_*``, ``requested_*``, ``reserved_bytes``, ``device_used_bytes``):
+it is process-wide (every live tensor, also ones the block was not given), rounds blocks, and
+includes library workspaces; a cell that teaches the allocator uses those.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
+from .allocator_stats import FIELDS, allocator_view
 from .device import has_cuda
 from .results import result_json
 from .storages import CONTAINERS, tensors_in
@@ -30,11 +35,14 @@ from .units import format_bytes
 
 NOTES = {
     "cpu-tracked": (
-        "CPU tracker: bytes of live tensor storages (what CUDA's memory_allocated counts, "
-        "without its 512-byte rounding). A CPU has no allocator cache and no CUDA context to show."
+        "CPU tracker: bytes of live tensor storages, what the block made plus what it was given. "
+        "A CPU has no allocator cache and no CUDA context to show."
     ),
     "dry-run": "Dry run under FakeTensorMode: exact tensor sizes of the real ops, no memory used.",
-    "cuda": "CUDA caching allocator: peak = max_memory_allocated; reserved includes the allocator's cache.",
+    "cuda": (
+        "CUDA: peak/end/breakdown are the tracker's live tensor storages, as on a CPU; the allocator's "
+        "view (process-wide, rounded to blocks, with workspaces and cache) is the allocated/reserved line."
+    ),
 }
 
 
@@ -42,8 +50,17 @@ NOTES = {
 class Measurement:
     """What a :func:`measure` block used. All sizes are in bytes.
 
-    ``peak_bytes`` and ``end_bytes`` are absolute (they include ``baseline_bytes``, what was
-    alive and known when the block started); ``breakdown`` splits the peak by role.
+    The same quantity on every device: ``peak_bytes`` and ``end_bytes`` are the live tensor
+    storages the tracker counts, absolute (they include ``baseline_bytes``, what was given to
+    ``measure`` and alive when the block started, plus storages made before the block that it
+    wrote in place); ``breakdown`` splits the peak by role.
+
+    On CUDA the allocator's view comes beside them (None on a CPU and in a dry run):
+    ``allocated_*`` (``memory_allocated``: process-wide, whole blocks), ``requested_*`` (the
+    sizes asked for, process-wide, no rounding), ``reserved_bytes``/``peak_reserved_bytes``
+    (allocated plus the allocator's cache) and ``device_used_bytes`` (what nvidia-smi shows:
+    reserved plus the CUDA context and other processes). ``not_counted`` names what was passed
+    to ``measure`` on another device than the one measured.
     """
 
     source: str
@@ -53,25 +70,41 @@ class Measurement:
     end_bytes: int = 0
     breakdown: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ROLES, 0))
     end_breakdown: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ROLES, 0))
+    allocated_baseline_bytes: int | None = None
+    allocated_peak_bytes: int | None = None
+    allocated_end_bytes: int | None = None
+    requested_baseline_bytes: int | None = None
+    requested_peak_bytes: int | None = None
+    requested_end_bytes: int | None = None
     reserved_bytes: int | None = None
     peak_reserved_bytes: int | None = None
     device_used_bytes: int | None = None
-    untracked_bytes: int = 0
+    not_counted: list[str] = field(default_factory=list)
     timeline: list[TimelinePoint] | None = None
     ops: int = 0
     setup: Any = None  # the Setup a dry run measured; None for a plain block
     _live: Any = field(default=None, repr=False, compare=False)
+    _allocator: Any = field(default=None, repr=False, compare=False)
 
     def current_bytes(self) -> int:
-        """Live bytes right now, also after the block has ended.
+        """Live tracked bytes right now, also after the block has ended (every device).
 
-        On a CPU: the storages the tracker knows (tracked or created in the block) that are
+        The storages the tracker knows (given to ``measure`` or created in the block) that are
         still alive; it keeps counting their frees after the block, so this shows what an
-        exception or a forgotten reference still holds. On CUDA: ``memory_allocated()``.
+        exception or a forgotten reference still holds.
         """
         if self._live is None:
             raise RuntimeError("current_bytes() works once the measure block has started")
         return int(self._live())
+
+    def allocated_now(self) -> int:
+        """CUDA only: ``memory_allocated()`` right now (process-wide, whole allocator blocks)."""
+        if self._allocator is None:
+            raise RuntimeError(
+                f"allocated_now() reads the CUDA allocator; this measurement ran on {self.device!r} "
+                f"({self.source}). Use current_bytes(), which means the same on every device."
+            )
+        return int(self._allocator.allocated_now())
 
     @property
     def peak_delta_bytes(self) -> int:
@@ -83,6 +116,21 @@ class Measurement:
         """How much the block left alive at its end, above what was alive when it started."""
         return self.end_bytes - self.baseline_bytes
 
+    @property
+    def allocated_peak_delta_bytes(self) -> int | None:
+        """CUDA: ``max_memory_allocated`` during the block minus ``memory_allocated`` before it."""
+        if self.allocated_peak_bytes is None or self.allocated_baseline_bytes is None:
+            return None
+        return self.allocated_peak_bytes - self.allocated_baseline_bytes
+
+    @property
+    def untracked_bytes(self) -> int:
+        """CUDA: what the allocator's peak rise has beyond the tracker's (block rounding,
+        workspaces, other threads); 0 where there is no allocator view. The two peaks need not
+        fall at the same moment, so this is a size, not an inventory."""
+        extra = self.allocated_peak_delta_bytes
+        return max(extra - self.peak_delta_bytes, 0) if extra is not None else 0
+
     def to_json(self) -> dict[str, Any]:
         """The result as plain JSON types (bytes as ints); see :mod:`vramlab.results`."""
         return result_json(
@@ -90,10 +138,9 @@ class Measurement:
             device=self.device,
             baseline_bytes=self.baseline_bytes,
             end_bytes=self.end_bytes,
-            reserved_bytes=self.reserved_bytes,
-            peak_reserved_bytes=self.peak_reserved_bytes,
-            device_used_bytes=self.device_used_bytes,
+            **{name: getattr(self, name) for name in FIELDS},
             untracked_bytes=self.untracked_bytes,
+            not_counted=list(self.not_counted),
         )
 
     @property
@@ -106,10 +153,21 @@ class Measurement:
         lines = [f"{'role':<12}{'bytes':>16}  {'human':>12}"]
         for role in ROLES:
             lines.append(f"{role:<12}{self.breakdown[role]:>16,}  {format_bytes(self.breakdown[role]):>12}")
-        if self.untracked_bytes:
-            lines.append(f"{'untracked':<12}{self.untracked_bytes:>16,}  {format_bytes(self.untracked_bytes):>12}")
         lines.append(f"{'peak':<12}{self.peak_bytes:>16,}  {format_bytes(self.peak_bytes):>12}")
         return "\n".join(lines)
+
+    def allocator_line(self) -> str | None:
+        """CUDA: the allocator's view in one line; None without one."""
+        if self.allocated_peak_bytes is None:
+            return None
+        assert self.allocated_end_bytes is not None and self.reserved_bytes is not None
+        line = (
+            f"allocator (process-wide): allocated peak {format_bytes(self.allocated_peak_bytes)}, "
+            f"end {format_bytes(self.allocated_end_bytes)}; reserved {format_bytes(self.reserved_bytes)}"
+        )
+        if self.device_used_bytes is not None:
+            line += f"; device used {format_bytes(self.device_used_bytes)}"
+        return line
 
     def __str__(self) -> str:
         head = (
@@ -117,9 +175,8 @@ class Measurement:
             f"(+{format_bytes(self.peak_delta_bytes)} over the {format_bytes(self.baseline_bytes)} "
             f"alive at the start), end {format_bytes(self.end_bytes)}"
         )
-        if self.reserved_bytes is not None:
-            head += f", reserved {format_bytes(self.reserved_bytes)}"
-        return f"{head}\n{self.table()}\n{self.note}"
+        extra = [line for line in (self.allocator_line(), *self.not_counted) if line]
+        return "\n".join([head, self.table(), *extra, self.note])
 
 
 def _fake_mode_active() -> bool:
@@ -161,20 +218,61 @@ def _open(obj: Any, holders: list[Any], tensors: list[torch.Tensor]) -> int:
     return 0
 
 
+def _held_tensors(holders: list[Any]) -> list[torch.Tensor]:
+    """The parameters and buffers of the modules and optimizers (not optimizer state: a CUDA
+    AdamW keeps its step counters on the CPU, which says nothing about where the model is)."""
+    found: list[torch.Tensor] = []
+    for obj in holders:
+        if isinstance(obj, torch.nn.Module):
+            found.extend(obj.parameters())
+            found.extend(obj.buffers())
+        else:
+            found.extend(p for group in obj.param_groups for p in group["params"])
+    return found
+
+
 def _device_of(holders: list[Any], tensors: list[torch.Tensor]) -> str:
-    """Where the tracked objects live; with none, the default device (``torch.set_default_device``)."""
-    for tensor in [*tensors, *tensors_in(holders)]:
-        return tensor.device.type
+    """What is being measured: a GPU if any tracked model, optimizer or tensor is on one (the
+    model's parameters decide, never the order of the arguments); else the one device type of
+    the tracked tensors; with none, the default device (``torch.set_default_device``)."""
+    types = {t.device.type for t in [*_held_tensors(holders), *tensors]}
+    if "cuda" in types:
+        return "cuda"
+    if len(types) == 1:
+        return types.pop()
+    if "cpu" in types:  # cpu beside meta or another type: measure the one with memory
+        return "cpu"
+    if types:
+        return sorted(types)[0]
     if _fake_mode_active():
         return "cpu"
     return torch.get_default_device().type
 
 
+def _elsewhere(holders: list[Any], tensors: list[torch.Tensor], device: str) -> list[str]:
+    """One line per device type the tracked objects use besides ``device``: not counted."""
+    others: dict[str, list[torch.Tensor]] = {}
+    for tensor in [*_held_tensors(holders), *tensors]:
+        if tensor.device.type != device:
+            others.setdefault(tensor.device.type, []).append(tensor)
+    lines = []
+    for kind, found in others.items():
+        nbytes = sum({id(st): st.nbytes() for t in found for st in [t.untyped_storage()]}.values())
+        lines.append(
+            f"not counted: {len(found)} tensor(s) on {kind} ({format_bytes(nbytes)}) passed to measure; "
+            f"this measures {device}"
+        )
+    return lines
+
+
 def _check_device(device: Any, inferred: bool) -> str:
     if isinstance(device, torch.device):
         device = device.type
-    if device in ("cpu", "cuda"):
-        return device
+    if isinstance(device, str) and device.split(":")[0] in ("cpu", "cuda"):
+        kind, _, index = device.partition(":")
+        if index and not index.isdigit():
+            raise ValueError(f"device {device!r} has no valid index; use 'cuda', 'cuda:0' or 'cpu'")
+        return kind
     origin = "the tracked tensors are on" if inferred else "got device"
     if device == "meta":
         raise ValueError(
@@ -191,16 +289,21 @@ class measure:
         *track: objects alive before the block whose bytes count (modules, optimizers,
             tensors, or lists/dicts/iterators of them such as ``model.parameters()``);
             a module's parameters and future gradients get their roles.
-        device: "cpu" or "cuda"; default: where the tracked objects live, else the default
-            device (CPU unless ``torch.set_default_device`` says otherwise).
+        device: "cpu" or "cuda" (or "cuda:0"); default: a GPU if any tracked model, optimizer
+            or tensor is on one, else where the tracked tensors live, else the default device
+            (CPU unless ``torch.set_default_device`` says otherwise). Tracked tensors on another
+            device are not counted, and ``Measurement.not_counted`` says so.
         timeline: record live bytes after every op (``Measurement.timeline``).
-        round_to: round each storage up to this many bytes (512 mimics the CUDA allocator).
+        round_to: round each storage up to this many bytes (an int >= 1; 512 mimics the CUDA
+            allocator's small blocks, not its large-block rules).
 
-    One ``measure`` object may be entered again: each block gets a new
-    :class:`Measurement`. Only the thread that runs the block is seen (a dispatch mode is
-    thread-local). On CUDA the device has one peak counter: a ``measure`` (or ``budget``)
-    nested inside another resets it, so read the outer block's ``current_bytes()``, not its
-    peak, there.
+    ``peak_bytes``, ``end_bytes`` and ``breakdown`` mean the same on every device (the tracker's
+    live storages); on CUDA the allocator's numbers come beside them under their own names.
+    One ``measure`` object may be entered again: each block gets a new :class:`Measurement`.
+    Only the thread that runs the block is seen (a dispatch mode is thread-local). On CUDA the
+    allocator has one peak counter: a ``measure`` (or ``budget``) nested inside another resets
+    it, so the outer block's ``allocated_peak_bytes`` is then the inner's; its tracker numbers
+    are unaffected.
     """
 
     def __init__(
@@ -216,6 +319,9 @@ class measure:
             from .device import require_cuda
 
             require_cuda("measure(device='cuda')")
+        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+            raise ValueError(f"round_to is a whole number of bytes >= 1 (512 mimics CUDA's blocks), got {round_to!r}")
+        self._not_counted = _elsewhere(holders, tensors, self.device)
         self._holders = holders  # modules and optimizers: the final role pass needs them
         self._tensors = [weakref.ref(t) for t in tensors]  # weak: measuring must not keep them alive
         self._timeline = timeline
@@ -239,6 +345,8 @@ class measure:
             raise RuntimeError("this measure object is already measuring a block; nest a new measure(...) instead")
         tracker = StorageTracker(self.device, timeline=self._timeline, round_to=self._round_to)
         self.tracker, self.result = tracker, Measurement(source=self._source(), device=self.device)
+        result = self.result
+        result.not_counted = list(self._not_counted)
         tracker.set_phase("before")
         for obj in self._holders:
             tracker.register(obj)
@@ -247,14 +355,13 @@ class measure:
             tracker.register(tensor, "parameters" if isinstance(tensor, torch.nn.Parameter) else None)
         del tensors
         tracker.set_phase(None)
-        result = self.result
         result.baseline_bytes = result.peak_bytes = result.end_bytes = tracker.current_bytes
         result._live = lambda: tracker.current_bytes
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            result.baseline_bytes = int(torch.cuda.memory_allocated())
-            result._live = torch.cuda.memory_allocated
+        allocator = None if self._source() == "dry-run" else allocator_view(self.device)
+        if allocator is not None:
+            result._allocator = allocator
+            for name, value in allocator.begin().items():
+                setattr(result, name, value)
         for hook in self._alloc_hooks:
             tracker.add_alloc_hook(hook)
         tracker.__enter__()
@@ -270,25 +377,14 @@ class measure:
             tracker.assign_roles(obj)
         result.breakdown = tracker.peak_breakdown()
         result.end_breakdown = tracker.breakdown()
-        if self.device != "cuda":  # CUDA's baseline (memory_allocated) already holds them
-            result.baseline_bytes += tracker.adopted_bytes  # alive before the block, found when written
+        result.baseline_bytes += tracker.adopted_bytes  # alive before the block, found when written
         result.peak_bytes = tracker.peak_bytes
         result.end_bytes = tracker.current_bytes
         result.timeline = tracker.timeline
         result.ops = tracker.ops
-        if self.device == "cuda":
-            self._read_cuda(result)
-
-    def _read_cuda(self, result: Measurement) -> None:
-        torch.cuda.synchronize()
-        tracked_peak = result.peak_bytes
-        result.peak_bytes = int(torch.cuda.max_memory_allocated())
-        result.end_bytes = int(torch.cuda.memory_allocated())
-        result.reserved_bytes = int(torch.cuda.memory_reserved())
-        result.peak_reserved_bytes = int(torch.cuda.max_memory_reserved())
-        free, total = torch.cuda.mem_get_info()
-        result.device_used_bytes = int(total - free)
-        result.untracked_bytes = max(result.peak_bytes - tracked_peak, 0)
+        if result._allocator is not None:
+            for name, value in result._allocator.end().items():
+                setattr(result, name, value)
 
 
 def live_bytes(*objs: Any) -> int:

@@ -20,6 +20,8 @@ _FIELDS = {
     "free": rf"of which {_SIZE} is free",
     "allocated": rf"{_SIZE} is allocated by PyTorch",
     "reserved_unallocated": rf"{_SIZE} is reserved by PyTorch but unallocated",
+    "process_in_use": rf"this process has {_SIZE} memory in use",  # CUDA: PyTorch's plus the context and libraries
+    "allowed": rf"{_SIZE} allowed;",  # CUDA, under set_per_process_memory_fraction: the cap
 }
 
 
