@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cuda_emulation import as_before, emulate_cuda
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import vramlab
+from cuda_emulation import as_before, emulate_cuda
 from vramlab import MiB, measure
 from vramlab.notebooks import load, source
 
