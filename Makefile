@@ -12,7 +12,7 @@ NOTEBOOKS = $(wildcard chapters/*.ipynb labs/*.ipynb solutions/*.ipynb)
 PORT ?= 8888
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)  # JupyterLab refuses root (containers) without it
 
-.PHONY: lab test install labs strip clean bench dist book test-site serve-book
+.PHONY: lab test install labs strip clean bench dist book test-site serve-book gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -66,3 +66,8 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache dist build
+
+# On a GPU machine, with its own torch (nothing is installed; no network): validate every notebook
+# cell by cell and record it in docs/gpu-runs/ (see docs/gpu-runs/README.md). GPU_CHECK_FLAGS: --emulate t4, --only 02 05
+gpu-check:
+	PYTHONPATH=utils $(PYTHON) -m vramlab.gpu_check $(GPU_CHECK_FLAGS)

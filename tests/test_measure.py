@@ -136,13 +136,41 @@ def test_bad_device():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_measurement_matches_allocator():
+    """On CUDA the primary numbers are the tracker's, as on a CPU; the allocator's come beside them."""
+    model = small_model().cuda()
+    x = torch.randn(32, 64, device="cuda")
+    junk = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")  # alive, not given: not counted
+    with measure(model, x) as m:
+        model(x).sum().backward()
+    assert m.source == "cuda" and m.device == "cuda"
+    assert m.baseline_bytes == param_bytes(model) + x.numel() * 4  # what it was given, as on a CPU
+    assert m.end_breakdown["gradients"] == param_bytes(model)
+    assert m.allocated_baseline_bytes >= junk.numel() + m.baseline_bytes  # process-wide
+    assert m.allocated_peak_bytes >= m.allocated_baseline_bytes + m.peak_delta_bytes
+    assert m.requested_peak_bytes - m.requested_baseline_bytes >= m.peak_delta_bytes
+    assert m.reserved_bytes >= m.allocated_end_bytes and m.device_used_bytes > m.reserved_bytes
+    assert m.allocated_now() == torch.cuda.memory_allocated()
+    assert "allocator (process-wide)" in str(m)
+    del junk
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_budget_and_allocator_cap():
+    """The tracked budget's edge is exact on CUDA too; allocator_cap raises CUDA's own message."""
     model = small_model().cuda()
     x = torch.randn(32, 64, device="cuda")
     with measure(model, x) as m:
         model(x).sum().backward()
-    assert m.source == "cuda"
-    assert m.reserved_bytes >= m.end_bytes
-    assert m.peak_bytes >= sum(m.breakdown.values()) - 512 * 64
+    model.zero_grad(set_to_none=True)
+    with vramlab.budget(m.peak_bytes, model, x):
+        model(x).sum().backward()
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(torch.OutOfMemoryError), vramlab.budget(m.peak_bytes - 1, model, x):
+        model(x).sum().backward()
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(torch.OutOfMemoryError, match="allowed"):
+        with vramlab.budget(torch.cuda.memory_reserved() + 2**20, model, x, allocator_cap=True):
+            torch.empty(2**30, dtype=torch.uint8, device="cuda")
 
 
 def test_budget_and_measure_leave_no_hooks_behind():
