@@ -145,7 +145,7 @@ def test_badges_follow_the_published_repository(path):
 def test_publish_points_setup_cell_and_badge_elsewhere():
     from vramlab.notebooks import publish, setup_cell
 
-    nb = publish(load(CHAPTERS[0]), "https://github.com/someone/fork")
+    nb = publish(load(CHAPTERS[0]), "https://github.com/someone/fork", published=True)
     assert "colab.research.google.com/github/someone/fork/blob/main/chapters/" in source(nb["cells"][0])
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
     assert source(code[0]) == setup_cell("https://github.com/someone/fork") != SETUP_CELL
@@ -153,35 +153,88 @@ def test_publish_points_setup_cell_and_badge_elsewhere():
         publish(load(CHAPTERS[0]), "https://gitlab.com/a/b/c")
 
 
-@pytest.mark.parametrize("where", ["env", "wheel", "repository"])
-def test_setup_cell_installs_from_the_instructors_choice(where, tmp_path, monkeypatch):
+def _fresh_runtime(tmp_path, monkeypatch, pip_fails: bool = False) -> list[list[str]]:
+    """A runtime without vramlab: records what the setup cell asks ``python -m`` to run."""
     import importlib.util
     import subprocess
+    from types import SimpleNamespace
 
-    from vramlab.notebooks import REPO_URL
-
-    calls = []
+    calls: list[list[str]] = []
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "vramlab" else real_find_spec(name)
     )
     real_run = subprocess.run
 
-    def run(args, **kwargs):  # record pip installs; let anything else (platform's uname) run
-        return calls.append(args[-1]) if args[1:4] == ["-m", "pip", "install"] else real_run(args, **kwargs)
+    def run(args, **kwargs):  # record `python -m ...`; let anything else (platform's uname) run
+        if args[1:2] != ["-m"]:
+            return real_run(args, **kwargs)
+        calls.append(args[2:])
+        return SimpleNamespace(returncode=1 if pip_fails else 0)
 
     monkeypatch.setattr(subprocess, "run", run)
     monkeypatch.chdir(tmp_path)  # a fresh runtime: no clone here
     monkeypatch.delenv("VRAMLAB_INSTALL", raising=False)
+    return calls
+
+
+@pytest.mark.parametrize("where", ["env", "wheel", "repository"])
+def test_setup_cell_installs_from_the_instructors_choice(where, tmp_path, monkeypatch):
+    """vramlab without its dependencies, then the tested versions (python -m vramlab.colab), never torch."""
+    from vramlab.notebooks import REPO_URL, setup_cell
+
+    calls = _fresh_runtime(tmp_path, monkeypatch)
     wheel = tmp_path / "vramlab-0.1.0-py3-none-any.whl"
     if where == "env":
         monkeypatch.setenv("VRAMLAB_INSTALL", "https://example.org/vramlab-0.2.0-py3-none-any.whl")
     if where in ("env", "wheel"):
         wheel.write_bytes(b"")
-    exec(SETUP_CELL, {})
+    exec(setup_cell(REPO_URL) if where == "repository" else SETUP_CELL, {})  # a published repository
     want = {
         "env": "https://example.org/vramlab-0.2.0-py3-none-any.whl",
         "wheel": wheel.resolve().as_uri(),
         "repository": f"git+{REPO_URL}",
     }[where]
-    assert calls == [f"vramlab[optim,compress,gpu] @ {want}"]
+    assert calls == [["pip", "install", "-q", "--no-deps", want], ["vramlab.colab"]]
+
+
+def test_an_unpublished_repository_is_never_installed_from_and_the_cell_says_what_to_do(tmp_path, monkeypatch):
+    from vramlab.notebooks import is_published
+
+    calls = _fresh_runtime(tmp_path, monkeypatch)
+    assert not is_published()  # pyproject.toml: [tool.vramlab] published = false
+    with pytest.raises(SystemExit, match=r"^vramlab is not installed: upload the wheel `make dist` builds"):
+        exec(SETUP_CELL, {})
+    assert calls == [] and "git+" not in SETUP_CELL
+
+
+def test_a_failing_pip_stops_the_cell_in_one_line(tmp_path, monkeypatch):
+    calls = _fresh_runtime(tmp_path, monkeypatch, pip_fails=True)
+    monkeypatch.setenv("VRAMLAB_INSTALL", "https://example.org/vramlab-0.2.0-py3-none-any.whl")
+    with pytest.raises(SystemExit, match="set os.environ\\['VRAMLAB_INSTALL'\\]"):
+        exec(SETUP_CELL, {})
+    assert len(calls) == 1  # pip failed: the tested versions are not attempted
+
+
+def test_the_newest_uploaded_wheel_wins_not_the_last_in_string_order(tmp_path, monkeypatch):
+    import os
+
+    calls = _fresh_runtime(tmp_path, monkeypatch)
+    newer, older = tmp_path / "vramlab-0.10.0-py3-none-any.whl", tmp_path / "vramlab-0.9.0-py3-none-any.whl"
+    older.write_bytes(b"")
+    newer.write_bytes(b"")
+    os.utime(older, (1, 1))
+    exec(SETUP_CELL, {})
+    assert calls[0][-1] == newer.resolve().as_uri()
+
+
+def test_the_tested_versions_are_cis_and_never_torch():
+    from vramlab.colab import tested_requirements
+
+    ci = {}
+    for line in (ROOT / "requirements" / "ci-constraints.txt").read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, version = line.split("==")
+            ci[name.strip().lower()] = version.strip()
+    pins = dict(pin.lower().split("==") for pin in tested_requirements())
+    assert "torch" not in pins and pins and all(ci[name] == version for name, version in pins.items())

@@ -60,3 +60,21 @@ def test_breakdown_plot_draws_a_line_for_every_gpu():
     ax = plot_breakdown({"x": {"parameters": 2**30}})
     labels = [text.get_text() for text in ax.get_legend().get_texts()]
     assert all(name in labels for name in GPUS) and len(GPUS) >= 5
+
+
+def test_on_colab_the_calculator_turns_on_colabs_widget_manager(monkeypatch):
+    import sys
+    import types
+
+    from vramlab import widgets
+
+    assert widgets.enable_colab_widgets() is False  # not Colab: nothing to do
+    turned_on = []
+    output = types.SimpleNamespace(enable_custom_widget_manager=lambda: turned_on.append(True))
+    colab = types.ModuleType("google.colab")
+    colab.output = output
+    monkeypatch.setitem(sys.modules, "google", types.ModuleType("google"))
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    monkeypatch.setitem(sys.modules, "google.colab.output", output)
+    widgets.memory_calculator(model="gpt2", batch=1, seq=128)
+    assert turned_on == [True]

@@ -31,28 +31,43 @@ def repository_url() -> str:
     raise LookupError("no Repository URL in pyproject.toml [project.urls] or the installed metadata")
 
 
-def setup_cell(repo_url: str) -> str:
+def is_published() -> bool:
+    """Whether ``[project.urls] Repository`` is really published (``[tool.vramlab] published``):
+    until it is, a fresh runtime never installs from that name, which anyone could register."""
+    if PYPROJECT.is_file():
+        match = re.search(r"^published\s*=\s*(true|false)", PYPROJECT.read_text(encoding="utf-8"), re.M)
+        return bool(match) and match.group(1) == "true"
+    return False
+
+
+def setup_cell(repo_url: str | None) -> str:
     """The one setup cell, identical in every notebook (tests/test_notebooks.py enforces it).
 
-    It uses vramlab from this clone; on a fresh runtime (Colab) it installs, without touching
-    the runtime's torch, the first of: ``$VRAMLAB_INSTALL`` (a wheel's path or URL, or a
-    ``git+https://`` URL), a ``vramlab-*.whl`` uploaded next to the notebook (``make dist``
-    builds one), or the published repository."""
+    It uses vramlab from this clone; on a fresh runtime (Colab) it installs vramlab without its
+    dependencies, from the first of: ``$VRAMLAB_INSTALL`` (a wheel's path or URL, or a
+    ``git+https://`` URL), the newest ``vramlab-*.whl`` uploaded next to the notebook (``make
+    dist`` builds one), or the published repository (``None``: not published yet); then the
+    dependency versions CI tested (``python -m vramlab.colab``), never torch. When none is
+    available or pip fails, it stops with one line that says what to do."""
+    fallback = f"git+{repo_url}" if repo_url else None
     return f"""\
 # Setup: identical in every notebook. Uses vramlab from this clone, or installs it on a fresh
 # runtime (Colab) without touching the runtime's torch: $VRAMLAB_INSTALL (a wheel's path or
-# URL), else a vramlab-*.whl uploaded beside the notebook, else the course repository.
+# URL), else a vramlab-*.whl uploaded beside the notebook, else the published repository;
+# then the versions of its dependencies the course was tested with (python -m vramlab.colab).
 import importlib.util, os, subprocess, sys
 from pathlib import Path
 for _root in (Path.cwd(), Path.cwd().parent):
     if importlib.util.find_spec("vramlab") is None and (_root / "utils" / "vramlab").is_dir():
         sys.path.insert(0, str(_root / "utils"))
 if importlib.util.find_spec("vramlab") is None:
-    _wheels = sorted(Path.cwd().glob("vramlab-*.whl"))
-    _source = os.environ.get("VRAMLAB_INSTALL") or (str(_wheels[-1]) if _wheels else "git+{repo_url}")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q",
-                    "vramlab[optim,compress,gpu] @ "
-                    + (Path(_source).resolve().as_uri() if Path(_source).is_file() else _source)], check=True)
+    _wheels = sorted(Path.cwd().glob("vramlab-*.whl"), key=os.path.getmtime)
+    _source = os.environ.get("VRAMLAB_INSTALL") or (str(_wheels[-1]) if _wheels else {fallback!r})
+    _pip = lambda *args: subprocess.run([sys.executable, "-m", *args]).returncode
+    if not _source or _pip("pip", "install", "-q", "--no-deps", Path(_source).resolve().as_uri()
+                           if Path(_source).is_file() else _source) or _pip("vramlab.colab"):
+        raise SystemExit("vramlab is not installed: upload the wheel `make dist` builds beside this notebook, "
+                         "or set os.environ['VRAMLAB_INSTALL'] to a wheel's path or URL, then run this cell again.")
 import vramlab
 print(vramlab.device_info().describe())"""
 
@@ -66,7 +81,7 @@ def colab_prefix(repo_url: str, branch: str = BRANCH) -> str:
 
 
 REPO_URL = repository_url()
-SETUP_CELL = setup_cell(REPO_URL)
+SETUP_CELL = setup_cell(REPO_URL if is_published() else None)
 COLAB_LINK = re.compile(r"https://colab\.research\.google\.com/github/[^/\s)]+/[^/\s)]+/blob/[^/\s)]+/")
 
 
@@ -105,11 +120,13 @@ def is_stripped(nb: dict[str, Any]) -> bool:
     )
 
 
-def publish(nb: dict[str, Any], repo_url: str) -> dict[str, Any]:
-    """Point ``nb``'s setup cell and Colab badge at ``repo_url``."""
+def publish(nb: dict[str, Any], repo_url: str, published: bool | None = None) -> dict[str, Any]:
+    """Point ``nb``'s setup cell and Colab badge at ``repo_url``; the setup cell installs from it
+    only when ``published`` (default: ``[tool.vramlab] published`` in pyproject.toml)."""
+    published = is_published() if published is None else published
     code = [cell for cell in nb.get("cells", []) if cell.get("cell_type") == "code"]
     if code:
-        code[0]["source"] = setup_cell(repo_url).splitlines(keepends=True)
+        code[0]["source"] = setup_cell(repo_url if published else None).splitlines(keepends=True)
     prefix = colab_prefix(repo_url)
     for cell in nb.get("cells", []):
         if cell.get("cell_type") == "markdown":

@@ -14,6 +14,7 @@ import base64
 import functools
 import html
 import io
+import sys
 from typing import Any
 
 from .estimate import Estimate, estimate
@@ -45,12 +46,27 @@ def fit_report(est: Estimate, gpus: dict[str, int] | None = None, headroom: int 
     return "\n".join(lines)
 
 
+def enable_colab_widgets() -> bool:
+    """On Colab, turn on the custom widget manager (``google.colab.output``); elsewhere do
+    nothing. Returns whether it was turned on. Without it Colab shows ipywidgets 8 panels as
+    blank: then run ``from google.colab import output; output.enable_custom_widget_manager()``."""
+    colab = sys.modules.get("google.colab")
+    if colab is None:
+        return False
+    from google.colab import output  # type: ignore[import-not-found]
+
+    output.enable_custom_widget_manager()
+    return True
+
+
 def memory_calculator(**start: Any) -> Any:
     """Print the report for ``start`` (keyword arguments of :func:`calculate`) and return
     the interactive panel (display it as a cell's last expression). The panel's
-    ``estimate`` is the :class:`Estimate` it shows now."""
+    ``estimate`` is the :class:`Estimate` it shows now. On Colab it turns on Colab's custom
+    widget manager first, which ipywidgets 8 needs to render there."""
     import ipywidgets as w
 
+    enable_colab_widgets()
     first = calculate(**start)
     print(fit_report(first))
     s = {"model": "llama-2-7b", "config_path": "", **first.setup.to_json(), **start}
