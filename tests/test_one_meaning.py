@@ -169,3 +169,26 @@ def test_chapter_02s_old_gpu15_batch_peaks_in_the_optimizer_step(monkeypatch):
             model.loss(ids).backward()
             opt.step()
     assert max(m.timeline, key=lambda p: p.live_bytes).phase == "optimizer"
+
+
+def test_fused_adamw_keeps_its_step_counters_on_the_gpu_and_foreach_on_the_host(monkeypatch):
+    """Chapter 11's 'fused AdamW <= baseline' allows 4 B per parameter tensor on CUDA: fused AdamW's
+    step counters are device tensors that the tracker counts, foreach's are host tensors."""
+    module = sys.modules["vramlab.measure"]
+    monkeypatch.setattr(module, "has_cuda", lambda: True)
+    monkeypatch.setattr(module, "allocator_view", lambda device: None)
+    layer = torch.nn.Linear(8, 8)
+    state = {}
+    with FakeTensorMode():  # fake CUDA parameters: the optimizers place their state as on a GPU
+        layer.weight = torch.nn.Parameter(torch.empty(8, 8, device="cuda"))
+        layer.bias = torch.nn.Parameter(torch.empty(8, device="cuda"))
+        for name, kwargs in (("foreach", dict(foreach=True)), ("fused", dict(fused=True))):
+            opt = torch.optim.AdamW(layer.parameters(), **kwargs)
+            for p in layer.parameters():
+                p.grad = torch.ones_like(p)
+            opt.step()
+            with measure(layer, opt) as m:
+                opt.step()
+            state[name] = m.end_breakdown["optimizer"]
+            assert {s["step"].device.type for s in opt.state.values()} == {"cpu" if name == "foreach" else "cuda"}
+    assert state["fused"] - state["foreach"] == 4 * 2  # two parameter tensors, one fp32 counter each

@@ -78,9 +78,15 @@ def test_round_trip():
         assert abs(parse_bytes(format_bytes(n, precision=6).replace(" ", "")) - n) <= max(n * 1e-6, 1)
 
 
-def test_cuda_block_bytes():
-    from vramlab.units import cuda_block_bytes
+def test_fresh_block_bytes_follow_the_allocators_rules_not_only_512():
+    from vramlab.allocator_model import fresh_block_bytes
 
-    assert [cuda_block_bytes(n) for n in (0, 1, 4, 512, 513, 1000, 2**20)] == [512, 512, 512, 512, 1024, 1024, 2**20]
+    small = [fresh_block_bytes(n) for n in (0, 1, 4, 512, 513, 1000, 2**20)]
+    assert small == [512, 512, 512, 512, 1024, 1024, 2**20]
+    assert fresh_block_bytes(5 * MiB) == 5 * MiB  # split from a 20 MiB segment
+    assert fresh_block_bytes(125 * MiB) == 126 * MiB  # its own 126 MiB segment; a 1 MiB remainder is not split
+    assert fresh_block_bytes(4 * 511 * 32000 * 4) == 250 * MiB  # chapter 06's kept logits at gpu15
+    assert fresh_block_bytes(124 * MiB) == 124 * MiB  # a 2 MiB-aligned request fills its segment exactly
+    assert fresh_block_bytes(123 * MiB) == 124 * MiB  # rounded up to 2 MiB; the 1 MiB left is not split
     with pytest.raises(ValueError, match="whole number of bytes"):
-        cuda_block_bytes(1.5)
+        fresh_block_bytes(1.5)

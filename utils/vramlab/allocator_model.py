@@ -82,6 +82,18 @@ def round_request(nbytes: int) -> int:
     return max(ROUND, -(-nbytes // ROUND) * ROUND)
 
 
+def fresh_block_bytes(nbytes: int) -> int:
+    """Bytes CUDA's ``memory_allocated`` counts for one request of ``nbytes`` served from an empty
+    cache, by the rules above, not the 512-byte rounding alone: 4 B takes 512 B; 5 MiB is split
+    from a 20 MiB segment; 125 MiB gets a 126 MiB segment whose 1 MiB remainder is not split, so
+    it counts as 126 MiB. A request that reuses a cached block can count up to 1 MiB more."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"nbytes must be a whole number of bytes >= 0, got {nbytes!r}")
+    model = CachingAllocatorModel(capacity=1 << 62)
+    model.malloc(nbytes)
+    return model.allocated_bytes
+
+
 def _granules(start: int, end: int, granule: int) -> range:
     """Indices of the granules that the bytes ``[start, end)`` touch."""
     return range(start // granule, -(-end // granule)) if end > start else range(0)

@@ -75,19 +75,6 @@ def _unit_factor(unit: str, original: str) -> int:
     )
 
 
-CUDA_BLOCK = 512
-"""The CUDA caching allocator hands out blocks in multiples of this many bytes, and its
-statistics (``memory_allocated``, ``max_memory_allocated``) count whole blocks."""
-
-
-def cuda_block_bytes(nbytes: int) -> int:
-    """Bytes a request of ``nbytes`` occupies in CUDA's caching allocator: rounded up to a
-    multiple of 512, at least 512 (so a 4-byte tensor takes 512 B, a 1000-byte one 1024 B)."""
-    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
-        raise ValueError(f"nbytes must be a whole number of bytes >= 0, got {nbytes!r}")
-    return max(-(-nbytes // CUDA_BLOCK), 1) * CUDA_BLOCK
-
-
 def format_bytes(nbytes: int | float, precision: int = 2) -> str:
     """Format a number of bytes in binary units, e.g. ``format_bytes(3 * 2**30) == '3.00 GiB'``.
 
