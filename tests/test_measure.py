@@ -310,3 +310,14 @@ def test_autocast_dtype_follows_native_bf16(monkeypatch):
     monkeypatch.setattr(D, "has_cuda", lambda: False)
     with pytest.raises(NoGPUError, match="autocast dtype"):
         D.autocast_dtype("cuda")
+
+
+def test_gpu_processes_counts_process_lines_only():
+    """torch's listing says 'no processes are running' when there are none: that is no process."""
+    from vramlab.device import gpu_processes
+
+    assert gpu_processes("GPU:0\nno processes are running") == []
+    assert gpu_processes("GPU:0\nprocess      12345 uses     1024.000 MB GPU memory") == [
+        "process      12345 uses     1024.000 MB GPU memory"
+    ]
+    assert gpu_processes("pynvml module not found, please install pynvml") is None

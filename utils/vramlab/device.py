@@ -92,3 +92,11 @@ def cuda_memory_stats(device: int | None = None) -> dict[str, int]:
         "device_used": int(total - free),
         "device_total": int(total),
     }
+
+
+def gpu_processes(listing: str) -> list[str] | None:
+    """The process lines of ``torch.cuda.list_gpu_processes()``'s text, or None when it could not
+    list them (no NVML bindings). Its header and "no processes are running" are not processes."""
+    if "pynvml" in listing:
+        return None
+    return [line.strip() for line in listing.splitlines()[1:] if line.strip().startswith("process")]
