@@ -87,7 +87,7 @@ def check_setup(model: HFModel, setup: Setup) -> int:
     if _is_encoder(model.model_type) and not getattr(config, "is_decoder", False):
         raise ValueError(
             f"{model.name}: {model.model_type} is an encoder (a masked language model), not a causal LM; "
-            "vramlab dry-runs causal LMs. Set \"is_decoder\": true in the config for its causal-LM head."
+            'vramlab dry-runs causal LMs. Set "is_decoder": true in the config for its causal-LM head.'
         )
     return vocab
 
@@ -123,7 +123,9 @@ def build(model: HFModel, dtype: torch.dtype, attention: str, mask_free: str) ->
             net = transformers.AutoModelForCausalLM.from_config(config)
         except (AssertionError, ValueError, TypeError, RuntimeError, IndexError) as err:
             what = f"{model.name}: transformers cannot build {model.model_type} from this config"
-            raise ValueError(f"{what}: {err}") from None
+            if "Unrecognized configuration class" in str(err):  # its message lists some 200 classes
+                raise ValueError(f"{what}: {model.model_type} has no causal-LM class in transformers") from None
+            raise ValueError(f"{what}: {' '.join(str(err).split())[:300]}") from None
     chosen = net.config._attn_implementation
     attention_note = ""
     if chosen == "sdpa" and not _sliding(net.config):

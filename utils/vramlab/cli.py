@@ -39,7 +39,9 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vramlab", description="Estimate and measure the memory of LLM training and inference.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    sub.add_parser("models", help="list the architectures in the registry")
+    sub.add_parser("models", help="list the architectures in the registry").add_argument(
+        "--json", action="store_true", help="print one JSON list"
+    )
     for name, text in (
         ("estimate", "closed-form estimate (instant)"),
         ("dryrun", "exact allocation trace on fake tensors"),
@@ -115,6 +117,15 @@ def _estimate_only(args: argparse.Namespace) -> None:
             "--qlora RANK (1 or more) fixes the recipe: NF4 weights, bf16 compute, fp32 AdamW adapters; "
             "drop --recipe, --optimizer and --inference"
         )
+    if args.qlora is not None and (
+        args.attention != "sdpa" or args.keep_outputs or args.full_logits or args.lora is not None
+    ):
+        raise ValueError(
+            "--qlora models SDPA attention and the plain training loop; drop --attention, --keep-outputs, "
+            "--full-logits and --lora"
+        )
+    if args.inference and args.optimizer is not None:
+        raise ValueError("--inference measures a prefill, which has no optimizer; drop --optimizer")
     if args.qlora is not None and not args.checkpointing:
         raise ValueError(
             "--qlora models QLoRA with activation checkpointing (--checkpointing), as its recipes train; without "
@@ -227,12 +238,19 @@ def _table(obj: dict[str, Any]) -> str:
             f"  host memory: {format_bytes(obj['host_bytes'])} (parameter copies, gradient buffers and AdamW "
             "state of the parameters offloaded; not on the GPU)"
         )
-    elif setup.optimizer == "adamw" and not setup.inference:
+    elif setup.optimizer == "adamw" and not setup.inference and obj.get("details", {}).get("method") != "qlora-nf4":
         lines.append(
             "  adamw is foreach, what torch.optim.AdamW runs on CUDA by default; the Hugging Face Trainer "
             "uses the fused step: --optimizer adamw-fused"
         )
     return "\n".join(lines)
+
+
+def _models_json() -> list[dict[str, Any]]:
+    from .estimate import param_count
+
+    keys = ("name", "family", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "vocab_size", "source")
+    return [{**{k: getattr(arch, k) for k in keys}, "params": param_count(arch)} for arch in REGISTRY.values()]
 
 
 def _models() -> str:
@@ -252,8 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "models":
-            print(_models())
-            return 0
+            return _write(json.dumps(_models_json(), indent=2) if args.json else _models())
         obj = _run(args)
     except (ValueError, KeyError, FileNotFoundError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
@@ -263,10 +280,20 @@ def main(argv: list[str] | None = None) -> int:
         print("vramlab: interrupted", file=sys.stderr)
         return 130
     text = obj.pop("text", None)
+    return _write(json.dumps(obj, indent=2) if args.json else text or _table(obj))
+
+
+def _write(text: str) -> int:
+    """Print ``text``; a reader that left (``| head``) ends quietly, a full disk in one line."""
     try:
-        print(json.dumps(obj, indent=2) if args.json else text or _table(obj))
+        print(text)
+        sys.stdout.flush()
     except BrokenPipeError:  # `vramlab ... | head`: the reader left, nothing to report
         sys.stdout = None  # type: ignore[assignment]  # no flush of the closed pipe at exit
+    except OSError as err:  # a full disk, a closed terminal
+        sys.stdout = None  # type: ignore[assignment]
+        print(f"vramlab: error: cannot write the output: {err.strerror or err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -18,7 +18,7 @@ from .planner import Plan, first_fit
 from .results import TooLarge
 from .search import largest_passing
 from .setups import Setup
-from .units import format_bytes
+from .units import format_bytes, parse_bytes
 
 MAX_BATCH = 2**20  # the search stops here: a model this small fits any batch worth running
 
@@ -90,6 +90,7 @@ def largest_batch(
     formula (the peak grows with the batch). Training and inference (a prefill) both work."""
     arch = get_arch(model)
     setup = Setup.of(setup, batch=1)
+    gpu_bytes = parse_bytes(gpu_bytes)  # bytes, or "80GiB" / "80GB"; NaN and fractions say what to write
     if gpu_bytes <= 0:
         raise ValueError("the GPU size must be more than 0 bytes, e.g. '24GiB' or '80GB'")
 

@@ -193,7 +193,7 @@ def from_hf_config(source: str | Path | dict[str, Any], name: str | None = None)
     max_position = field.integer("max_position_embeddings", "n_positions", default=4096)
     _refuse_unmodelled(field, family, hidden, heads, max_position)
     return ArchConfig(
-        name=name or str(data.get("_name_or_path") or default_name),
+        name=printable(name or str(data.get("_name_or_path") or default_name)),
         family=family,
         vocab_size=field.integer("vocab_size"),
         hidden_size=hidden,
@@ -223,13 +223,18 @@ def load_config(source: str | Path | dict[str, Any], name: str | None = None) ->
             why = str(err)
     if isinstance(model_type, str):
         return HFModel(
-            name=name or str(data.get("_name_or_path") or default_name),
+            name=printable(name or str(data.get("_name_or_path") or default_name)),
             model_type=model_type,
             config=dict(data),
             source=str(source) if not isinstance(source, dict) else "dict",
             why_no_formula=why,
         )
     return from_hf_config(source, name)
+
+
+def printable(name: str) -> str:
+    """``name`` safe to print: control characters (terminal escapes, newlines) become '?'."""
+    return "".join(ch if ch.isprintable() else "?" for ch in name)[:200]
 
 
 def _read_config(source: str | Path | dict[str, Any]) -> tuple[dict[str, Any], str]:
@@ -241,9 +246,11 @@ def _read_config(source: str | Path | dict[str, Any]) -> tuple[dict[str, Any], s
     if not path.is_file():
         raise FileNotFoundError(f"no config file at {path}: pass the path of a Hugging Face config.json")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark (Windows editors) is fine
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise ValueError(f"{path} is nested too deeply to be a config.json") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} holds a JSON {type(data).__name__}, not the object a config.json holds")
     return data, (path.parent.name or path.stem) if path.stem == "config" else path.stem
@@ -281,6 +288,8 @@ class _ConfigFields:
             return default
         if isinstance(value, str) and value.strip().lower() in ("true", "false"):
             return value.strip().lower() == "true"
+        if type(value) is int and value in (0, 1):  # some configs write true/false as 1/0
+            return bool(value)
         if not isinstance(value, bool):
             raise ValueError(f"config.json field {key} must be true or false, got {value!r}")
         return value

@@ -42,9 +42,9 @@ def largest_passing(ok: Callable[[int], bool], start: int = 1, limit: int = 1 <<
     that once a batch fails every larger one does: double from ``start`` until a batch fails
     (or ``limit`` is passed), then bisect between the last success and the first failure.
     ``largest`` is 0 when even ``start`` fails."""
-    if not isinstance(start, int) or start < 1:
+    if isinstance(start, bool) or not isinstance(start, int) or start < 1:
         raise ValueError(f"start must be a positive integer batch size, got {start!r}")
-    if not isinstance(limit, int) or limit < start:
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < start:
         raise ValueError(f"limit must be an integer >= start ({start}), got {limit!r}")
     tried: dict[int, bool] = {}
     good, bad, batch = 0, None, start

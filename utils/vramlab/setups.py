@@ -3,6 +3,8 @@ and the calculator widget alike."""
 
 from __future__ import annotations
 
+import numbers
+
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -55,6 +57,10 @@ class Setup:
     offload: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("batch", "seq", "lora_rank"):  # NumPy integers (np.int64(4)) are whole numbers too
+            value = getattr(self, name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                object.__setattr__(self, name, int(value))
         check_positive(batch=self.batch, seq=self.seq)
         object.__setattr__(self, "recipe", get_recipe(self.recipe).name)
         object.__setattr__(self, "optimizer", check_optimizer(self.optimizer))
@@ -67,6 +73,10 @@ class Setup:
             raise ValueError(f"lora_rank must be 0 (no adapters) or a positive whole number, got {self.lora_rank!r}")
         if self.lora_rank and self.inference:
             raise ValueError("lora_rank describes fine-tuning; an inference prefill has no adapters to train")
+        if self.inference and self.checkpointing:
+            raise ValueError("checkpointing recomputes activations for backward; an inference prefill has no backward")
+        if self.inference and self.optimizer != "adamw":
+            raise ValueError(f"an inference prefill has no optimizer; drop optimizer={self.optimizer!r}")
         if self.full_logits and not self.inference:
             raise ValueError("full_logits describes an inference forward; for training use keep_outputs")
         if self.offload:

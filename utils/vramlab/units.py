@@ -9,7 +9,9 @@ sold as "16 GB" holds 16e9 bytes, which is 14.9 GiB.
 from __future__ import annotations
 
 import math
+import numbers
 import re
+from decimal import ROUND_HALF_EVEN, Decimal
 
 KiB = 1024
 MiB = 1024**2
@@ -21,27 +23,34 @@ _DECIMAL = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _PATTERN = re.compile(r"^\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
 
 
+MAX_BYTES = 2**63
+"""No tensor, device or budget can hold this many bytes (8 EiB): larger sizes are refused."""
+
+
 def parse_bytes(size: int | float | str) -> int:
     """Return ``size`` as a whole number of bytes.
 
     Accepts a non-negative whole number of bytes, or a string such as ``"16GiB"``, ``"1.5 GiB"``,
     ``"512MiB"``, ``"16GB"`` (decimal: 16 * 10**9 bytes) or ``"4096 B"``. Unit names are
-    case-insensitive. A bare prefix such as ``"16G"`` is refused because it is ambiguous.
+    case-insensitive. A bare prefix such as ``"16G"`` is refused because it is ambiguous, and so
+    is a fraction of a byte without a unit (``"1.5"``). Sizes of 2**63 bytes or more are refused.
 
     Raises:
         ValueError: with a message that says how to write the size.
     """
     if isinstance(size, bool):
         raise TypeError("a size must be a number of bytes or a string like '16GiB', not a bool")
-    if isinstance(size, (int, float)):
-        value, factor = float(size), 1
-        if math.isnan(value) or math.isinf(value):
+    if isinstance(size, numbers.Integral):
+        nbytes = Decimal(int(size))
+    elif isinstance(size, float):
+        if math.isnan(size) or math.isinf(size):
             raise ValueError(f"size {size!r} is not a finite number of bytes")
-        if value != int(value):
+        if not size.is_integer():
             raise ValueError(
                 f"size {size!r} is not a whole number of bytes; a bare number means bytes. "
                 f"Did you mean '{size} GiB'? Write the unit in a string."
             )
+        nbytes = Decimal(size)
     elif isinstance(size, str):
         match = _PATTERN.match(size)
         if not match:
@@ -50,12 +59,20 @@ def parse_bytes(size: int | float | str) -> int:
                 "(binary, 16 * 1024**3 bytes) or '16GB' (decimal, 16 * 10**9 bytes)"
             )
         number, unit = match.group(1), match.group(2).lower()
-        value, factor = float(number), _unit_factor(unit, size)
+        factor = _unit_factor(unit, size)
+        nbytes = Decimal(number) * factor
+        if factor == 1 and nbytes != nbytes.to_integral_value():
+            raise ValueError(
+                f"size {size!r} is not a whole number of bytes; a number without a unit means bytes. "
+                f"Did you mean '{number} GiB'?"
+            )
     else:
         raise TypeError(f"a size must be an int number of bytes or a string like '16GiB', got {type(size).__name__}")
-    if value < 0:
+    if nbytes < 0:
         raise ValueError(f"size {size!r} is negative: a memory size must be 0 or more bytes")
-    return int(round(value * factor))
+    if nbytes >= MAX_BYTES:
+        raise ValueError(f"size {str(size)[:40]!r} is 2**63 bytes (8 EiB) or more: no memory that large exists")
+    return int(nbytes.to_integral_value(ROUND_HALF_EVEN))
 
 
 def _unit_factor(unit: str, original: str) -> int:
@@ -80,9 +97,13 @@ def format_bytes(nbytes: int | float, precision: int = 2) -> str:
 
     Negative numbers (differences between two measurements) keep their sign.
     """
-    if isinstance(nbytes, bool) or not isinstance(nbytes, (int, float)):
+    if isinstance(nbytes, bool) or not isinstance(nbytes, (numbers.Integral, float)):
         raise TypeError(f"format_bytes needs a number of bytes, got {type(nbytes).__name__}")
+    if isinstance(nbytes, float) and not math.isfinite(nbytes):
+        raise ValueError(f"format_bytes needs a finite number of bytes, got {nbytes}")
     sign = "-" if nbytes < 0 else ""
+    if abs(nbytes) >= 1024 * TiB:  # beyond a float's comfort: exact integer arithmetic, in TiB
+        return f"{sign}{Decimal(abs(int(nbytes))) / TiB:.{precision}f} TiB"
     size = abs(float(nbytes))
     for unit, factor in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
         if size >= factor:

@@ -22,7 +22,7 @@ from .hardware import CONTEXT_HEADROOM, GPUS, fits
 from .models import REGISTRY, from_hf_config, get_arch
 from .recipes import OPTIMIZERS, RECIPES
 from .setups import Setup
-from .units import format_bytes
+from .units import format_bytes, parse_bytes
 
 START = Setup(batch=1, seq=2048, recipe="amp-bf16")
 BATCHES = (1, 2, 4, 8, 16, 32)  # the fallback table's rows
@@ -30,17 +30,24 @@ SEQS = (512, 1024, 2048, 4096, 8192)  # its columns
 SEQ_STOPS = tuple(2**k for k in range(6, 18))  # the sequence slider: 64 ... 131072 tokens
 
 
-def calculate(model: str = "llama-2-7b", config_path: str = "", **setup: Any) -> Estimate:
+def calculate(model: str = "llama-2-7b", config_path: str | None = "", **setup: Any) -> Estimate:
     """The estimate behind the calculator; ``config_path`` (a config.json) overrides ``model``;
-    keyword arguments are :class:`Setup` fields (default: batch 1, seq 2048, amp-bf16)."""
-    arch = from_hf_config(config_path) if config_path.strip() else get_arch(model)
-    return estimate(arch, Setup.of(START, **setup))
+    keyword arguments are :class:`Setup` fields (default: batch 1, seq 2048 or the model's
+    positions if fewer, amp-bf16)."""
+    if config_path is not None and not isinstance(config_path, str):
+        raise ValueError(f"config_path is the path of a config.json (a string), got {type(config_path).__name__}")
+    arch = from_hf_config(config_path) if config_path and config_path.strip() else get_arch(model)
+    start = Setup.of(START, seq=min(START.seq, arch.max_position))  # GPT-2 has 1024 positions
+    return estimate(arch, Setup.of(start, **setup))
 
 
 def fit_report(est: Estimate, gpus: dict[str, int] | None = None, headroom: int = CONTEXT_HEADROOM) -> str:
     """The estimate and a verdict for each GPU, as text."""
+    if not isinstance(est, Estimate):
+        raise TypeError(f"fit_report needs the Estimate that calculate() returns, got {type(est).__name__}")
     lines = [str(est), f"verdict (keeping {format_bytes(headroom)} for the CUDA context):"]
     for name, size in (gpus or GPUS).items():
+        size = parse_bytes(size)  # "80GB", "80GiB" or bytes; anything else says how to write it
         verdict = "fits" if fits(est.peak_bytes, size, headroom) else "does NOT fit"
         lines.append(f"  {name:<12} {format_bytes(size):>10}: {verdict}")
     return "\n".join(lines)
@@ -97,7 +104,7 @@ def memory_calculator(**start: Any) -> Any:
             out.clear_output(wait=True)
             try:
                 est = calculate(**{k: c.value for k, c in controls.items()})
-            except (ValueError, KeyError, FileNotFoundError) as err:
+            except (ValueError, KeyError, FileNotFoundError, TypeError) as err:
                 print(f"cannot estimate: {err}")
                 return
             panel.estimate = est
@@ -130,6 +137,7 @@ def static_html(est: Estimate) -> str:
     smallest GPU of :data:`vramlab.hardware.GPUS` that fits it."""
     import matplotlib.pyplot as plt
 
+    arch = est.arch if est.arch is not None else get_arch(est.model)  # the config it sized, never a name look-up
     fig = _breakdown_figure(est)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
@@ -141,7 +149,7 @@ def static_html(est: Estimate) -> str:
         cells = []
         for q in SEQS:
             try:
-                peak = estimate(get_arch(est.model), Setup.of(est.setup, batch=b, seq=q)).peak_bytes
+                peak = estimate(arch, Setup.of(est.setup, batch=b, seq=q)).peak_bytes
             except ValueError:
                 cells.append("<td>–</td>")
                 continue

@@ -42,6 +42,7 @@ class Estimate:
     first_step_peak_bytes: int = 0
     first_step_moment: str = ""
     host_bytes: int = 0
+    arch: ArchConfig | None = field(default=None, repr=False, compare=False)  # the model it sized
 
     def to_json(self) -> dict[str, Any]:
         """The object the CLI prints with --json (see :mod:`vramlab.results`)."""
@@ -146,6 +147,7 @@ def estimate(model: str | ArchConfig, setup: Setup | None = None, **changes: Any
         moments={k: sum(v.values()) for k, v in moments.items()},
         kv_cache_bytes=kv,
         host_bytes=host,
+        arch=arch,
         **first,
     )
 
@@ -268,9 +270,13 @@ def kv_cache_bytes(model: str | ArchConfig, batch: int, seq: int, recipe: str = 
     """
     arch = get_arch(model)
     check_positive(batch=batch, seq=seq)
+    check_positions(arch, seq)
     rec = get_recipe(recipe)
     key_bytes = 4 if (rec.autocast and arch.family != "gpt2") else rec.compute_bytes
-    return kv_cache_bytes_classic(arch.num_layers, arch.num_kv_heads, arch.head_dim, seq, batch, key_bytes)
+    nbytes = kv_cache_bytes_classic(arch.num_layers, arch.num_kv_heads, arch.head_dim, seq, batch, key_bytes)
+    if nbytes >= MAX_BYTES:
+        raise too_large(f"the KV cache of {arch.name} at batch {batch}, seq {seq}")
+    return nbytes
 
 
 def kv_cache_bytes_classic(

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import math
 
-from ..models import ArchConfig, get_arch
+from ..models import ArchConfig, check_positions, get_arch
 from ..recipes import check_positive
+from ..results import MAX_BYTES, too_large
 from ..setups import Setup
 from .activations import activation_bytes
 from .params import linear_shapes, param_count
@@ -59,7 +60,14 @@ def qlora_estimate(
     transient working set (one recomputed block under checkpointing) comes on top of it."""
     arch = get_arch(model)
     check_positive(rank=rank, batch=batch, seq=seq)
+    check_positions(arch, seq)
     layer_linears = list(linear_shapes(arch).values())
+    narrowest = min(min(o, i) for o, i in layer_linears)
+    if rank > narrowest:
+        raise ValueError(
+            f"rank {rank} is more than the narrowest adapted linear of {arch.name} ({narrowest}): "
+            "such an adapter is not low-rank; use a rank of at most that (typically 8 to 64)"
+        )
     nf4 = arch.num_layers * sum(nf4_tensor_bytes(o * i, double_quant=double_quant) for o, i in layer_linears)
     quantized = arch.num_layers * sum(o * i for o, i in layer_linears)
     frozen_bf16 = 2 * (param_count(arch) - quantized)
@@ -70,6 +78,8 @@ def qlora_estimate(
         optimizer=8 * adapters,
         activations=activation_bytes(arch, batch, seq, "bf16", checkpointing=checkpointing),
     )
+    if sum(parts.values()) >= MAX_BYTES:
+        raise too_large(f"QLoRA rank {rank} on {arch.name} at batch {batch}, seq {seq}")
     moment = "steady state (weights, adapter state, saved activations)"
     return Estimate(
         model=arch.name,
@@ -80,4 +90,5 @@ def qlora_estimate(
         peak_moment=moment,
         moments={moment: sum(parts.values())},
         details=dict(method="qlora-nf4", rank=rank, double_quant=double_quant),
+        arch=arch,
     )

@@ -21,7 +21,7 @@ def zero_bytes_per_rank(
     are fp32 AdamW (4 + 4 + 8 bytes per parameter); the paper's mixed precision is 2, 2, 12.
     Activations are not sharded by ZeRO and are not included."""
     check_positive(params=params, world_size=world_size)
-    if stage not in ZERO_STAGES:
+    if isinstance(stage, bool) or stage not in ZERO_STAGES:  # True == 1 in Python: refuse it by name
         raise ValueError(f"ZeRO stage must be one of {ZERO_STAGES}, got {stage!r}")
 
     def share(per_param: float, sharded: bool) -> int:
