@@ -4,7 +4,6 @@ and the calculator widget alike."""
 from __future__ import annotations
 
 import numbers
-
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
