@@ -57,3 +57,30 @@ def abort_before_returning(rank):
     if rank.rank == 0:
         os.abort()
     return rank.rank
+
+
+def start_session_child(rank, pid_file, hang_after):
+    """Start a child in a session of its own (outside the rank's process group), record its pid;
+    then return at once, or hang past the timeout."""
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    with open(f"{pid_file}.{rank.rank}", "w") as f:
+        f.write(str(child.pid))
+    if hang_after:
+        time.sleep(600)
+    return rank.rank
+
+
+def interrupt_on_one(rank):
+    """Rank 1 is interrupted (KeyboardInterrupt); rank 0 returns."""
+    if rank.rank == 1:
+        raise KeyboardInterrupt
+    return rank.rank
+
+
+def mismatched_all_reduce(rank):
+    """The ranks reduce tensors of different sizes: gloo aborts the process."""
+    t = torch.zeros(4 if rank.rank == 0 else 8)
+    dist.all_reduce(t)
+    return rank.rank

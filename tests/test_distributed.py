@@ -208,5 +208,75 @@ def test_code_sent_to_the_ranks_sees_the_fsdp_policies():
 
 def test_a_crash_in_teardown_after_every_result_keeps_the_results():
     assert launch(rank_helpers.abort_in_teardown, 2, timeout_s=60) == [0, 1]
-    with pytest.raises(RankFailed, match="rank 0 exited with code -6"):
+    with pytest.raises(RankFailed, match="rank 0 was ended by SIGABRT \\(exit code -6"):
         launch(rank_helpers.abort_before_returning, 2, timeout_s=60)
+
+
+def _leftover_error_files() -> set[str]:
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "pytorch-errorfile-*.pickle")))
+
+
+@pytest.mark.parametrize("hang_after", [False, True])
+def test_children_in_sessions_of_their_own_die_with_the_ranks(tmp_path, hang_after):
+    """Issue 24, M8: a rank's Popen(start_new_session=True) child is outside its process group."""
+    pid_file = str(tmp_path / "child")
+    if hang_after:
+        with pytest.raises(RanksTimedOut):
+            launch(rank_helpers.start_session_child, 2, args=(pid_file, True), timeout_s=8)
+    else:
+        assert launch(rank_helpers.start_session_child, 2, args=(pid_file, False), timeout_s=60) == [0, 1]
+    children = [int(open(f"{pid_file}.{r}").read()) for r in range(2)]
+    time.sleep(0.5)
+    assert not any(alive(p) for p in children)
+
+
+def test_a_failed_launch_leaves_no_torch_error_files():
+    before = _leftover_error_files()
+    with pytest.raises(RankFailed):
+        launch(rank_helpers.fail_on_one, 2, timeout_s=60)
+    assert _leftover_error_files() <= before
+
+
+def test_launch_failures_are_named_for_what_they_are(tmp_path):
+    with pytest.raises(RankFailed, match="rank 1 failed: KeyboardInterrupt"):
+        launch(rank_helpers.interrupt_on_one, 2, timeout_s=60)
+    with pytest.raises(RankFailed, match="SIGABRT .*tensors of different sizes"):
+        launch(rank_helpers.mismatched_all_reduce, 2, timeout_s=60)
+    for fn in (None, 5, "ranks.ok"):
+        with pytest.raises(ValueError, match="fn must be the rank function"):
+            launch(fn, 2)
+    with pytest.raises(ValueError, match="backend must be 'gloo'"):
+        launch(rank_helpers.rank_info, 2, backend="mpi")
+    with pytest.raises(RanksTimedOut, match="longer than 0.5 s"):
+        launch(rank_helpers.hang, 2, args=(str(tmp_path / "pid"),), timeout_s=0.5)
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_a_killed_launcher_leaves_no_ranks_children_or_folder(tmp_path, how):
+    """Issue 24, M8: torch sends the ranks SIGINT when their launcher dies; each rank then kills
+    what it started and removes the launcher's temp folder."""
+    import signal
+    import subprocess
+
+    pid_file, scratch = str(tmp_path / "child"), tmp_path / "tmp"
+    scratch.mkdir()
+    script = (
+        "import sys; sys.path.insert(0, 'tests'); import rank_helpers; from vramlab.distributed import launch; "
+        f"launch(rank_helpers.start_session_child, 2, args=({pid_file!r}, True), timeout_s=120)"
+    )
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    launcher = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+    deadline = time.monotonic() + 60
+    while not all(os.path.exists(f"{pid_file}.{r}") for r in range(2)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    children = [int(open(f"{pid_file}.{r}").read()) for r in range(2)]
+    launcher.send_signal(getattr(signal, how))
+    launcher.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while (
+        any(alive(p) for p in children) or glob.glob(str(scratch / "vramlab-ranks-*"))
+    ) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(p) for p in children)
+    assert glob.glob(str(scratch / "vramlab-ranks-*")) == []

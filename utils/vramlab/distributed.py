@@ -13,6 +13,7 @@ processes are started with "spawn", which imports it afresh in each process.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import shutil
@@ -74,6 +75,7 @@ def _entry(
 ) -> None:
     if hasattr(os, "setpgrp"):  # a group of its own, so the launcher can kill what the rank starts
         os.setpgrp()
+    launcher = os.getppid()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     device = torch.device("cuda", index) if backend == "nccl" else torch.device("cpu")
     if backend == "nccl":
@@ -81,15 +83,58 @@ def _entry(
     timeout = datetime.timedelta(seconds=timeout_s)
     store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timeout)
     dist.init_process_group(backend, store=store, rank=index, world_size=world_size, timeout=timeout)
+    interrupted = False
     try:
         result = fn(Rank(index, world_size, device, backend), *args)
         dist.barrier()  # no rank tears the group down while a peer is still in a collective
         torch.save(result, Path(outdir) / f"rank{index}.pt")
     except BaseException as err:  # record when and why, so the parent can name the first failure
-        (Path(outdir) / f"rank{index}.err").write_text(f"{time.time()!r}\n{type(err).__name__}: {err}")
+        interrupted = isinstance(err, KeyboardInterrupt)
+        with contextlib.suppress(OSError):
+            (Path(outdir) / f"rank{index}.err").write_text(f"{time.time()!r}\n{type(err).__name__}: {err}")
         raise
     finally:
-        dist.destroy_process_group()
+        kill_descendants(os.getpid())  # also children started in a session of their own
+        if interrupted and _gone(launcher):  # the launcher died (torch then sends its ranks SIGINT)
+            shutil.rmtree(outdir, ignore_errors=True)  # nobody else will remove its folder
+        dist.destroy_process_group()  # last: gloo may abort here when a peer is gone
+
+
+def _gone(pid: int, wait_s: float = 2.0) -> bool:
+    """Whether process ``pid`` (this one's parent) has died or is dying, waiting up to ``wait_s``:
+    the death signal can arrive before the kernel has reparented this process."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        if os.getppid() != pid:
+            return True
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                return True
+        except (OSError, IndexError):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+def kill_descendants(pid: int) -> None:
+    """SIGKILL every process descended from ``pid`` (read from /proc; Linux only), whatever its
+    process group or session: a rank's ``Popen(..., start_new_session=True)`` child too."""
+    for child in _descendants(pid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(child, signal.SIGKILL)
+
+
+def _descendants(pid: int) -> list[int]:
+    found, stack = [], [pid]
+    while stack:
+        parent = stack.pop()
+        for children in Path(f"/proc/{parent}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                kids = [int(k) for k in children.read_text().split()]
+                found += kids
+                stack += kids
+    return found
 
 
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
@@ -107,6 +152,12 @@ def launch(
             f"timeout_s must be a number of seconds above 0 and at most {MAX_TIMEOUT_S:.0f} "
             f"(a week), got {timeout_s!r}."
         )
+    if not callable(fn):
+        raise ValueError(f"fn must be the rank function, fn(rank, *args), got {type(fn).__name__} {fn!r:.60}.")
+    if backend is not None and backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' (CPU processes) or 'nccl' (one GPU per rank), got {backend!r}.")
+    if backend == "nccl" and not (has_cuda() and torch.cuda.device_count() >= world_size):
+        raise ValueError(f"backend 'nccl' needs one CUDA GPU per rank ({world_size}); use 'gloo' here.")
     if getattr(fn, "__module__", "__main__") == "__main__" or "<locals>" in getattr(fn, "__qualname__", ""):
         raise ValueError(
             f"{getattr(fn, '__name__', fn)!r} is defined in the notebook (or inside a function): spawned "
@@ -136,19 +187,26 @@ def launch(
         while not _join(context, 0.5, outdir):
             if time.monotonic() > deadline:
                 raise RanksTimedOut(
-                    f"{world_size} ranks ran longer than {timeout_s:.0f} s and were killed. "
+                    f"{world_size} ranks ran longer than {timeout_s:g} s and were killed. "
                     "A rank may be waiting in a collective another rank never reached."
                 )
         return [_result(outdir, i) for i in range(world_size)]
     finally:
         if context is not None:
             _kill(context)
+            for error_file in getattr(context, "error_files", []) or []:  # torch's, left in $TMPDIR otherwise
+                with contextlib.suppress(OSError, TypeError):
+                    os.unlink(error_file)
         del store
         shutil.rmtree(outdir, ignore_errors=True)
 
 
 def _result(outdir: str, rank: int) -> Any:
     path = Path(outdir) / f"rank{rank}.pt"
+    failure = Path(outdir) / f"rank{rank}.err"
+    why = failure.read_text().partition("\n")[2] if failure.exists() else ""
+    if not path.exists() and why and not why.startswith("SystemExit"):  # e.g. KeyboardInterrupt: no traceback
+        raise RankFailed(f"rank {rank} failed: {why}")
     if not path.exists():
         raise RankFailed(
             f"rank {rank} exited without returning a result (sys.exit() or os._exit() in the rank "
@@ -167,9 +225,20 @@ def _join(context: Any, timeout: float, outdir: str) -> bool:
     except torch.multiprocessing.ProcessExitedException as err:
         if _all_results(outdir, len(context.processes)):
             return True  # a crash while tearing the group down, after every rank returned its result
-        raise RankFailed(
-            f"rank {err.error_index} exited with code {err.exit_code} (killed, or out of memory?)"
-        ) from None
+        raise RankFailed(f"rank {err.error_index} {_exit_reason(err.exit_code)}") from None
+
+
+def _exit_reason(code: int) -> str:
+    """What a rank's exit code says, in words (a negative code is the signal that ended it)."""
+    if code >= 0:
+        return f"exited with code {code} without returning a result"
+    name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"signal {-code}"
+    why = {
+        "SIGABRT": "a C++ error inside torch or gloo, e.g. tensors of different sizes in one collective",
+        "SIGKILL": "killed: out of memory (the kernel's OOM killer), or by hand",
+        "SIGSEGV": "a crash in native code",
+    }.get(name, "ended by a signal")
+    return f"was ended by {name} (exit code {code}: {why})"
 
 
 def _all_results(outdir: str, world_size: int, wait_s: float = 2.0) -> bool:
@@ -197,6 +266,8 @@ def _first_failure(outdir: str, rank: int, message: str) -> tuple[int, str]:
 def _kill(context: Any) -> None:
     """Kill every rank and every process it started (each rank leads its own process group)."""
     for process in context.processes:
+        if process.pid is not None:
+            kill_descendants(process.pid)  # children in sessions of their own are outside its group
         if process.pid is not None and hasattr(os, "killpg"):
             try:
                 os.killpg(process.pid, signal.SIGKILL)

@@ -76,17 +76,24 @@ def predict(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[bool, An
 
 @contextlib.contextmanager
 def _no_new_threads_or_processes() -> Iterator[None]:
-    """Make ``Thread.start``, ``Process.start`` and ``Popen`` raise :class:`Measured` inside."""
-
-    def refuse(*_: Any, **__: Any) -> None:
-        raise Measured()
-
+    """Make ``Thread.start``, ``Process.start`` and ``Popen`` raise :class:`Measured` inside,
+    when called from this thread: other threads of the process start theirs as usual."""
+    owner_thread = threading.get_ident()
     targets = [(threading.Thread, "start"), (multiprocessing.process.BaseProcess, "start")]
     targets.append((subprocess.Popen, "__init__"))
     saved = [(owner, name, owner.__dict__[name]) for owner, name in targets]
+
+    def guarded(original: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if threading.get_ident() == owner_thread:
+                raise Measured()
+            return original(*args, **kwargs)
+
+        return call
+
     try:
-        for owner, name, _ in saved:
-            setattr(owner, name, refuse)
+        for owner, name, original in saved:
+            setattr(owner, name, guarded(original))
         yield
     finally:
         for owner, name, original in saved:
