@@ -38,7 +38,7 @@ def _config(model: HFModel) -> Any:
 
     with quiet_imports():
         import transformers
-
+    with quiet_imports():  # again: importing transformers resets its logger's level to WARNING
         try:
             return transformers.AutoConfig.for_model(
                 model.model_type, **{k: v for k, v in model.config.items() if k not in _NOT_CONFIG}

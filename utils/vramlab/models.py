@@ -177,6 +177,7 @@ def from_hf_config(source: str | Path | dict[str, Any], name: str | None = None)
     ``model_type``, a ``head_dim`` other than hidden / heads, an active sliding window
     shorter than the context, biases in Llama-style projections."""
     data, default_name = _read_config(source)
+    check_rope_scaling(data)
     model_type = data.get("model_type")
     if model_type is None:
         raise ValueError(
@@ -209,11 +210,34 @@ def from_hf_config(source: str | Path | dict[str, Any], name: str | None = None)
     )
 
 
+ROPE_TYPES = ("default", "dynamic", "linear", "llama3", "longrope", "proportional", "yarn", "mrope")
+"""``rope_scaling`` types transformers knows (``ROPE_INIT_FUNCTIONS``, plus default and mrope)."""
+
+
+def check_rope_scaling(data: dict[str, Any]) -> None:
+    """Refuse a ``rope_scaling`` (or ``rope_parameters``) that transformers could not use: an
+    unknown type or a factor that is not a positive number. It does not change memory, but a
+    config that names it is not the model it claims to be."""
+    for key in ("rope_scaling", "rope_parameters"):
+        value = data.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise ValueError(f"config.json field {key} must be an object, got {value!r:.60}")
+        kind = value.get("rope_type", value.get("type", "default"))
+        if kind not in ROPE_TYPES:
+            raise ValueError(f"config.json {key} type {kind!r:.40} is not one of {', '.join(ROPE_TYPES)}")
+        factor = value.get("factor")
+        if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0):
+            raise ValueError(f"config.json {key} factor must be a positive number, got {factor!r:.40}")
+
+
 def load_config(source: str | Path | dict[str, Any], name: str | None = None) -> ArchConfig | HFModel:
     """A ``config.json`` as an :class:`ArchConfig` when its model type is one the formula
     models (every shape field read, the rest refused, see :func:`from_hf_config`), else as an
     :class:`HFModel` for a dry run of transformers' own class."""
     data, default_name = _read_config(source)
+    check_rope_scaling(data)
     model_type = data.get("model_type")
     why = ""
     if isinstance(model_type, str) and model_type.lower() in FAMILIES:

@@ -9,6 +9,7 @@ storage of their own; their bytes are in their index and value tensors.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterable, Iterator, Mapping, ValuesView
 from typing import Any
 
@@ -74,7 +75,7 @@ def tensors_in(obj: Any) -> Iterator[torch.Tensor]:
             yield from tensors_in(value)
 
 
-CONTAINERS = (list, tuple, set, frozenset, ValuesView, Iterator)
+CONTAINERS = (list, tuple, set, frozenset, collections.deque, ValuesView, Iterator)
 """What :func:`tensors_in` opens besides dicts: sequences, sets and iterators (generators,
 ``model.parameters()``); an array or other iterable object is not walked element by element."""
 
