@@ -16,7 +16,9 @@ and one byte less does not, on a CPU and on a GPU alike.
 error is CUDA's own message.
 
 The tracked budget sees only the thread that runs the block (a dispatch mode is thread-local):
-tensors made by other threads, a DataLoader's pin-memory thread for one, are not refused.
+tensors made by other threads, a DataLoader's pin-memory thread for one, are not refused, and
+another thread's ``optimizer.step()`` does not count. A tensor that grows in place (``resize_``,
+an ``out=`` that resizes) is refused just after it grew: its new size is known only then.
 """
 
 from __future__ import annotations

@@ -300,7 +300,10 @@ class measure:
     ``peak_bytes``, ``end_bytes`` and ``breakdown`` mean the same on every device (the tracker's
     live storages); on CUDA the allocator's numbers come beside them under their own names.
     One ``measure`` object may be entered again: each block gets a new :class:`Measurement`.
-    Only the thread that runs the block is seen (a dispatch mode is thread-local). On CUDA the
+    Only the thread that runs the block is seen (a dispatch mode is thread-local): other
+    threads' tensors and ``optimizer.step()`` calls are not counted. An array that existed before
+    the block and is wrapped in it (``torch.from_numpy``) is not an allocation; growth in place
+    (``resize_``, a resizing ``out=``) is. On CUDA the
     allocator has one peak counter: a ``measure`` (or ``budget``) nested inside another resets
     it, so the outer block's ``allocated_peak_bytes`` is then the inner's; its tracker numbers
     are unaffected.
