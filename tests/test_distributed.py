@@ -109,8 +109,10 @@ def test_tensor_parallel_mlp_equals_the_whole_one():
     ranks = launch(PL.tensor_parallel_mlp, 2, args=(32, 128, 16), timeout_s=60)
     whole = PL.tensor_parallel_mlp(Rank.in_process(), 32, 128, 16, sharded=False)
     for r in ranks:
-        assert r["max_abs_diff"] < 1e-5 and r["comm_bytes"] == {"all-reduce": 16 * 32 * 4}
+        assert r["max_abs_diff"] < 1e-5 and r["comm_bytes"] == {"all-reduce": 2 * 16 * 32 * 4}  # forward and backward
+        assert r["input_grad_diff"] < 1e-6  # the gradient the layers before it get is the whole model's (issue 23)
         assert r["weight_bytes"] == (whole["weight_bytes"] - 4 * 32) // 2 + 4 * 32
+    assert whole["input_grad_diff"] == 0 and whole["comm_bytes"] == {}
 
 
 def test_unknown_strategy_and_pipeline_arguments():
@@ -178,6 +180,33 @@ def test_zero3_rungs_keep_the_8bit_adamw_of_the_rung_before():
         "llama-2-7b", 4, 1, 2048
     )
     assert abs(saved - (12 * n - state8) / 4) <= 16  # 8 B of moments + 4 B of foreach temporary vs 8-bit state, / 4
+
+
+def test_zero3_counts_fsdp2s_gradient_buffers_and_the_gather_copy_out():
+    """Review part 3, finding 1: per block, FSDP2 holds the bf16 unsharded gradients and the fp32
+    reduce-scatter input (6 B per parameter of a 70B block: 4.78 GiB), and the prefetched block's
+    all-gather output beside two gathered blocks. With them, ZeRO-3 alone no longer fits 70B on
+    64 x 24 GB cards (the old formula had 20.36 GiB: "just fits"); the TP rung does."""
+    from vramlab import get_arch
+    from vramlab.estimate import linear_shapes
+    from vramlab.planner import zero3_bytes_per_device, zero3_terms
+
+    block = sum(o * i for o, i in linear_shapes(get_arch("llama-2-70b")).values())
+    assert block == 855_638_016
+    terms = zero3_terms("llama-2-70b", 64, 1, 2048)
+    assert terms["gradient buffers"] == 6 * block and terms["gathered weights"] == 6 * block
+    assert sum(terms.values()) == zero3_bytes_per_device("llama-2-70b", 64, 1, 2048)
+    assert sum(terms.values()) + 2**29 > DEVICE_SIZES["24 GB"]
+    plan = first_fit("llama-2-70b", DEVICE_SIZES["24 GB"])
+    assert "TP" in plan.recipe and plan.devices == 64
+    tp = zero3_terms("llama-2-70b", 64, 1, 2048, tensor_parallel=8)
+    assert tp["gradient buffers"] == 6 * block // 8 and tp["sharded states"] == terms["sharded states"]
+
+
+def test_one_bigger_gpu_is_in_the_guide():
+    """Review part 3, finding 2: a 141 GB card trains 7B with plain AdamW on one device."""
+    assert str(first_fit("llama-2-7b", DEVICE_SIZES["141 GB"])) == "bf16 mixed precision"
+    assert first_fit("llama-2-70b", DEVICE_SIZES["141 GB"]).devices == 8
 
 
 def test_clock_reads_wait_for_cuda_kernels(monkeypatch):

@@ -52,14 +52,21 @@ def test_the_fallback_marks_set_ups_the_model_cannot_take():
     assert html.count("<td>–</td>") == len(BATCHES) * sum(q > 1024 for q in SEQS)  # GPT-2 has 1024 positions
 
 
-def test_breakdown_plot_draws_a_line_for_every_gpu():
-    """Every GPU of the list gets its line and legend entry (the fifth, H100, used to be dropped)."""
+def test_breakdown_plot_draws_the_gpus_its_bars_reach():
+    """Every GPU below the tallest bar and the first that holds it get a line and a legend
+    entry, each with its own dash pattern (the fifth, H100, used to be dropped)."""
     from vramlab.hardware import GPUS
-    from vramlab.plots import plot_breakdown
+    from vramlab.plots import LINE_STYLES, plot_breakdown
 
-    ax = plot_breakdown({"x": {"parameters": 2**30}})
-    labels = [text.get_text() for text in ax.get_legend().get_texts()]
-    assert all(name in labels for name in GPUS) and len(GPUS) >= 5
+    assert len(set(map(str, LINE_STYLES))) == len(LINE_STYLES) >= len(GPUS)
+
+    def drawn(total: int) -> list[str]:
+        ax = plot_breakdown({"x": {"parameters": total}})
+        return [text.get_text() for text in ax.get_legend().get_texts() if text.get_text() in GPUS]
+
+    assert drawn(2**30) == ["T4 (16 GB)"]
+    assert drawn(30 * 2**30) == ["T4 (16 GB)", "L4 (24 GB)", "A100 40GB"]
+    assert sorted(drawn(10**13)) == sorted(GPUS) and len(GPUS) >= 7  # none holds it: every line
 
 
 def test_on_colab_the_calculator_turns_on_colabs_widget_manager(monkeypatch):

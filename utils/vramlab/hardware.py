@@ -2,7 +2,7 @@
 
 Datasheets sell memory in decimal gigabytes (a T4's "16 GB"); the driver reports MiB, and
 part of that goes to ECC and the driver itself. These are the totals seen on the usual
-machines (Colab's T4, cloud A100/H100 nodes); ``torch.cuda.mem_get_info()`` tells yours.
+machines (Colab's T4, cloud A100/H100/H200/B200 nodes); ``torch.cuda.mem_get_info()`` tells yours.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ GPUS: dict[str, int] = {
     "A100 40GB": 40960 * MiB,
     "A100 80GB": 81920 * MiB,
     "H100 80GB": 81559 * MiB,
+    "H200 141GB": 143771 * MiB,
+    "B200 192GB": 183359 * MiB,  # AMD's MI300X also sells 192 GB
 }
 
 SIZE_CLASSES: dict[str, int] = {  # cards sold as this many GB, by the first card of the class above
@@ -22,6 +24,7 @@ SIZE_CLASSES: dict[str, int] = {  # cards sold as this many GB, by the first car
     "24 GB": GPUS["L4 (24 GB)"],
     "40 GB": GPUS["A100 40GB"],
     "80 GB": GPUS["A100 80GB"],
+    "141 GB": GPUS["H200 141GB"],
 }
 """The decision guide's columns (:mod:`vramlab.planner`): one nvidia-smi total per size class."""
 

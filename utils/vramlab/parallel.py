@@ -231,8 +231,11 @@ def compare(
 # ------------------------------------------------------------------ tensor parallelism
 class ShardedMLP(nn.Module):
     """x -> gelu(x W1_r^T + b1_r) W2_r^T, summed over ranks, + b2. Rank r holds rows r of W1
-    (column parallel) and the matching columns of W2 (row parallel): one all-reduce forward,
-    one backward (autograd-aware ``torch.distributed.nn.functional.all_reduce``)."""
+    (column parallel) and the matching columns of W2 (row parallel). Megatron's two operators
+    make it correct in both directions: :class:`CopyToRanks` ("f") sums the input's gradient
+    over the ranks in backward, :class:`SumAcrossRanks` ("g") sums the output in forward. One
+    all-reduce of ``tokens x hidden`` each way; without "f" each rank would send a partial input
+    gradient to the layers before it, and stacked layers would silently diverge."""
 
     def __init__(self, full: nn.Sequential, rank: int, world: int) -> None:
         super().__init__()
@@ -248,7 +251,23 @@ class ShardedMLP(nn.Module):
         self.bias = nn.Parameter(down.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = CopyToRanks.apply(x)
         return SumAcrossRanks.apply(self.down(torch.nn.functional.gelu(self.up(x)))) + self.bias
+
+
+class CopyToRanks(torch.autograd.Function):
+    """Megatron's "f": forward passes the (replicated) input through; backward sums the ranks'
+    partial input gradients (all-reduce), since each rank's shard saw the whole input."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
+        total = grad.clone()
+        dist.all_reduce(total)
+        return total
 
 
 class SumAcrossRanks(torch.autograd.Function):
@@ -279,11 +298,13 @@ def tensor_parallel_mlp(rank: Rank, hidden: int, ffn: int, tokens: int, sharded:
     full = mlp(hidden, ffn).to(rank.device)
     model = ShardedMLP(full, rank.rank, rank.world_size).to(rank.device) if sharded else full
     torch.manual_seed(1)
-    x = torch.randn(tokens, hidden, device=rank.device)
+    x = torch.randn(tokens, hidden, device=rank.device, requires_grad=True)  # as inside a model: layers before it
     counter = CommCounter()
     with measure(model, x) as m, counter:
         y, saved = saved_for_backward(list(model.parameters()), lambda: model(x))
         y.square().mean().backward()
+    reference = x.detach().clone().requires_grad_(True)
+    full(reference).square().mean().backward()
     with torch.no_grad():
         diff = float((y.detach() - full(x)).abs().max())
     return {
@@ -292,6 +313,7 @@ def tensor_parallel_mlp(rank: Rank, hidden: int, ffn: int, tokens: int, sharded:
         "peak_bytes": m.peak_bytes,
         "activation_bytes": saved,
         "max_abs_diff": diff,
+        "input_grad_diff": float((x.grad - reference.grad).abs().max()),  # what the layers before it receive
         "comm_bytes": dict(counter.bytes),
     }
 

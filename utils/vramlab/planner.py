@@ -39,23 +39,46 @@ class Plan:
 def zero3_bytes_per_device(
     model: str, devices: int, batch: int, seq: int, tensor_parallel: int = 1, optimizer: str = "adamw-8bit"
 ) -> int:
-    """Formula bytes per device of amp-bf16 training with checkpointing under ZeRO-3: fp32
-    weights and gradients and the optimizer's state, all sharded over ``devices`` (8-bit AdamW,
-    the default here: ~2 bytes per parameter of state and no step temporary, as its blockwise
-    kernel updates one tensor at a time; "adamw": 8 bytes plus the foreach step's 4); the
-    checkpointed block inputs; one block's activations rebuilt in backward, counted twice for
-    its gradients; two blocks' bf16 weights gathered. With ``tensor_parallel`` = T
-    (Megatron-style, with sequence parallelism), each block's weights and activations are split
-    T ways inside a group of T devices; ZeRO-3 shards the states over all ``devices``."""
+    """Formula bytes per device of amp-bf16 training with checkpointing under ZeRO-3: the sum
+    of :func:`zero3_terms` (see there for what each term holds)."""
+    return sum(zero3_terms(model, devices, batch, seq, tensor_parallel, optimizer).values())
+
+
+def zero3_terms(
+    model: str, devices: int, batch: int, seq: int, tensor_parallel: int = 1, optimizer: str = "adamw-8bit"
+) -> dict[str, int]:
+    """Formula bytes per device of amp-bf16 training with checkpointing under ZeRO-3, by term:
+
+    - ``"sharded states"``: fp32 weights and gradients and the optimizer's state, sharded over
+      ``devices`` (8-bit AdamW, the default here: ~2 bytes per parameter of state and no step
+      temporary, as its blockwise kernel updates one tensor at a time; "adamw": 8 bytes plus
+      the foreach step's 4);
+    - ``"checkpointed inputs"``: every block's input, kept for the backward;
+    - ``"one block's activations"``: rebuilt in backward, counted twice for their gradients;
+    - ``"gathered weights"``: two blocks' bf16 weights (the current one and the prefetched
+      next) plus the prefetched block's all-gather output while it is copied out;
+    - ``"gradient buffers"``: FSDP2's gradient path for one block, its unsharded bf16 gradients
+      and the fp32 reduce-scatter input they are copied into (``reduce_dtype=float32``, as
+      chapter 14 teaches), which FSDP2 keeps alive into the next block's backward
+      (``_fsdp_collectives.foreach_reduce``).
+
+    The transient terms are counted together, an upper bound at the peak; NCCL's own buffers
+    are not counted. With ``tensor_parallel`` = T (Megatron-style, with sequence parallelism),
+    every term but the sharded states is split T ways inside a group of T devices; ZeRO-3
+    shards the states over all ``devices``."""
     arch = get_arch(model)
     full = activation_bytes(arch, batch, seq, "amp-bf16")
     kept = activation_bytes(arch, batch, seq, "amp-bf16", checkpointing=True)
-    one_block = 2 * (full - kept) // arch.num_layers
-    gathered = 2 * 2 * sum(o * i for o, i in linear_shapes(arch).values())
+    block = sum(o * i for o, i in linear_shapes(arch).values())  # one block's matmul parameters
     params = param_count(arch)
     state = optimizer_state_bytes(arch, optimizer, "amp-bf16") / params + (4 if optimizer == "adamw" else 0)
-    sharded = sum(zero_bytes_per_rank(params, devices, 3, 4, 4, state).values())
-    return sharded + (kept + one_block + gathered) // tensor_parallel
+    return {
+        "sharded states": sum(zero_bytes_per_rank(params, devices, 3, 4, 4, state).values()),
+        "checkpointed inputs": kept // tensor_parallel,
+        "one block's activations": 2 * (full - kept) // arch.num_layers // tensor_parallel,
+        "gathered weights": (2 * 2 + 2) * block // tensor_parallel,
+        "gradient buffers": (2 + 4) * block // tensor_parallel,
+    }
 
 
 def first_fit(model: str, device_bytes: int, batch: int = 1, seq: int = 2048, headroom: int = CONTEXT_HEADROOM) -> Plan:

@@ -21,6 +21,21 @@ PHASE_COLORS = {"before": "#999999", "forward": "#1f77b4", "backward": "#d62728"
 ROLE_COLORS = dict(zip(ROLES, ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3")))
 
 
+LINE_STYLES = ("--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 3)), (0, (8, 2, 1, 2)))
+"""One dash pattern per GPU of :data:`vramlab.hardware.GPUS`, so no two GPU lines look alike."""
+
+
+def _reached(gpus: Mapping[str, int], tallest: int) -> dict[str, int]:
+    """The GPUs (smallest first) up to and including the first that holds ``tallest`` bytes:
+    the lines a bar of that height is read against. All of them when none holds it."""
+    out: dict[str, int] = {}
+    for name, size in sorted(gpus.items(), key=lambda kv: kv[1]):
+        out[name] = size
+        if size >= tallest:
+            break
+    return out
+
+
 def _unit(max_bytes: float) -> tuple[str, float]:
     return ("GiB", GiB) if max_bytes >= GiB else ("MiB", MiB)
 
@@ -55,12 +70,13 @@ def plot_breakdown(
     ax: Any = None,
 ) -> Any:
     """Stacked bars of parameters / gradients / optimizer / activations / other per set-up,
-    with horizontal lines for GPU sizes (pass ``gpus={}`` for none)."""
+    with horizontal lines for GPU sizes: by default every GPU of :data:`vramlab.hardware.GPUS`
+    smaller than the tallest bar and the first that holds it (pass ``gpus={}`` for none)."""
     import matplotlib.pyplot as plt
 
     ax = ax or plt.subplots(figsize=(8, 4))[1]
     totals = [sum(b.values()) for b in bars.values()]
-    lines = GPUS if gpus is None else gpus
+    lines = _reached(GPUS, max(totals)) if gpus is None else gpus
     unit, div = _unit(max(totals + list(lines.values())))
     names = list(bars)
     bottom = [0.0] * len(names)
@@ -68,7 +84,7 @@ def plot_breakdown(
         values = [bars[n].get(role, 0) / div for n in names]
         ax.bar(names, values, bottom=bottom, color=ROLE_COLORS[role], label=role)
         bottom = [b + v for b, v in zip(bottom, values)]
-    styles = itertools.cycle(("--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))))  # one line per GPU, none dropped
+    styles = itertools.cycle(LINE_STYLES)  # one line per GPU, none dropped
     for (gpu, size), style in zip(lines.items(), styles):
         ax.axhline(size / div, color="k", ls=style, lw=1, label=gpu)
     ax.set(title=title, ylabel=f"memory ({unit})")
