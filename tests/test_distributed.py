@@ -8,6 +8,7 @@ import tempfile
 import time
 
 import pytest
+import torch
 
 import rank_helpers
 import vramlab.estimate  # noqa: F401
@@ -113,6 +114,27 @@ def test_tensor_parallel_mlp_equals_the_whole_one():
         assert r["input_grad_diff"] < 1e-6  # the gradient the layers before it get is the whole model's (issue 23)
         assert r["weight_bytes"] == (whole["weight_bytes"] - 4 * 32) // 2 + 4 * 32
     assert whole["input_grad_diff"] == 0 and whole["comm_bytes"] == {}
+
+
+def test_pytorchs_tensor_parallelism_holds_and_sends_what_the_hand_written_layer_does():
+    """parallelize_module (DTensor) on gloo ranks: the same weight and activation bytes and the same
+    all-reduces as ShardedMLP (issue 23); with sequence parallelism each rank holds half the input
+    and output, and an all-gather plus a reduce-scatter carry the all-reduce's ring traffic."""
+    hand = launch(PL.tensor_parallel_mlp, 2, args=(32, 128, 16), timeout_s=60)
+    real = launch(PL.dtensor_mlp, 2, args=(32, 128, 16), timeout_s=60)
+    seq = launch(PL.dtensor_mlp, 2, args=(32, 128, 16, True), timeout_s=60)
+    for h, r, s in zip(hand, real, seq):
+        assert (r["weight_bytes"], r["activation_bytes"], r["comm_bytes"]) == (
+            h["weight_bytes"],
+            h["activation_bytes"],
+            h["comm_bytes"],
+        )
+        assert max(r["max_abs_diff"], r["input_grad_diff"], s["max_abs_diff"], s["input_grad_diff"]) < 1e-5
+        assert s["boundary_bytes"] * 2 == r["boundary_bytes"] == 2 * 16 * 32 * 4
+        assert s["comm_bytes"] == {"all-gather": 2 * 8 * 32 * 4, "reduce-scatter": 2 * 16 * 32 * 4}
+        assert ring_traffic_bytes(s["comm_bytes"], 2) == ring_traffic_bytes(r["comm_bytes"], 2)
+    with pytest.raises(ValueError, match="multiple"):
+        PL.dtensor_mlp(Rank(0, 2, torch.device("cpu"), "gloo"), 32, 128, 15, True)
 
 
 def test_unknown_strategy_and_pipeline_arguments():

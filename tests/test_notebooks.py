@@ -28,6 +28,13 @@ def test_stored_without_outputs(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=ids(NOTEBOOKS))
+def test_every_cell_has_a_unique_id(path):
+    """nbformat 4.5 requires cell ids (a cell without one is a validation warning, soon an error)."""
+    cell_ids = [c.get("id") for c in load(path)["cells"]]
+    assert all(cell_ids) and len(set(cell_ids)) == len(cell_ids), f"{path.name}: give every cell a unique id"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids(NOTEBOOKS))
 def test_first_code_cell_is_the_shared_setup_cell(path):
     code = [c for c in load(path)["cells"] if c["cell_type"] == "code"]
     assert code and source(code[0]) == SETUP_CELL, (

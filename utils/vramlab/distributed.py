@@ -292,13 +292,24 @@ COLLECTIVES = {
     "send": "send",
     "recv_": "recv",
 }
+FUNCTIONAL_COLLECTIVES = {  # torch.distributed._functional_collectives, which DTensor issues; input first
+    "all_reduce": "all-reduce",
+    "all_reduce_": "all-reduce",
+    "all_reduce_coalesced": "all-reduce",
+    "all_gather_into_tensor": "all-gather",
+    "all_gather_into_tensor_coalesced": "all-gather",
+    "reduce_scatter_tensor": "reduce-scatter",
+    "reduce_scatter_tensor_coalesced": "reduce-scatter",
+    "broadcast": "broadcast",
+}
 
 
 class CommCounter(TorchDispatchMode):
-    """Count the payload of every c10d collective a rank issues (DDP, ZeRO and FSDP included),
-    by kind. Payload = bytes of the tensors the rank hands to the collective: for all-reduce
-    and broadcast the buffer, for all-gather the rank's input shard, for reduce-scatter the
-    full input. ``bytes`` maps kind -> bytes; ``calls`` maps kind -> count."""
+    """Count the payload of every c10d collective a rank issues (DDP, ZeRO and FSDP included,
+    and the functional collectives DTensor issues), by kind. Payload = bytes of the tensors the
+    rank hands to the collective: for all-reduce and broadcast the buffer, for all-gather the
+    rank's input shard, for reduce-scatter the full input.
+    ``bytes`` maps kind -> bytes; ``calls`` maps kind -> count."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -307,9 +318,11 @@ class CommCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         namespace, name = func.namespace, func._opname
-        if namespace == "c10d" and name in COLLECTIVES:
-            kind = COLLECTIVES[name]
-            payload = _payload(kind, name, args)
+        if (namespace == "c10d" and name in COLLECTIVES) or (
+            namespace == "_c10d_functional" and name in FUNCTIONAL_COLLECTIVES
+        ):
+            kind = COLLECTIVES[name] if namespace == "c10d" else FUNCTIONAL_COLLECTIVES[name]
+            payload = _payload(kind, name, args) if namespace == "c10d" else _size(args[0])
             self.bytes[kind] = self.bytes.get(kind, 0) + payload
             self.calls[kind] = self.calls.get(kind, 0) + 1
         return func(*args, **(kwargs or {}))
@@ -332,7 +345,11 @@ def _payload(kind: str, name: str, args: tuple) -> int:
         source = args[1]
     else:
         source = args[0]
-    return sum(t.numel() * t.element_size() for t in _tensors(source))
+    return _size(source)
+
+
+def _size(obj: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in _tensors(obj))
 
 
 def ring_traffic_bytes(payload: dict[str, int], world_size: int) -> int:

@@ -5,7 +5,9 @@
   "ddp", "zero1" (DDP + ``ZeroRedundancyOptimizer``), "zero2" (FSDP2 ``fully_shard`` with
   ``reshard_after_forward=False``: gradients and optimizer state sharded, parameters kept
   gathered between forward and backward) or "fsdp" (``fully_shard``: parameters too, ZeRO-3).
-- :func:`tensor_parallel_mlp` - a column-parallel then row-parallel MLP (Megatron-style).
+- :func:`tensor_parallel_mlp` - a column-parallel then row-parallel MLP (Megatron-style), written
+  out with two autograd functions; :func:`dtensor_mlp` - the same split by PyTorch's
+  ``parallelize_module`` (DTensor), with or without sequence parallelism.
 - :func:`pipeline` - a 2-stage pipeline over micro-batches (GPipe schedule), with the
   bubble measured from each stage's busy time.
 """
@@ -318,11 +320,60 @@ def tensor_parallel_mlp(rank: Rank, hidden: int, ffn: int, tokens: int, sharded:
     }
 
 
+def dtensor_mlp(rank: Rank, hidden: int, ffn: int, tokens: int, sequence_parallel: bool = False) -> dict[str, Any]:
+    """The same MLP and step as :func:`tensor_parallel_mlp`, split by PyTorch's own tensor
+    parallelism: ``parallelize_module`` with ``ColwiseParallel`` on the first linear and
+    ``RowwiseParallel`` on the second, over a 1-D device mesh of all ranks. With
+    ``sequence_parallel`` each rank holds only its ``tokens / world`` rows of the input and the
+    output (``Shard(0)`` layouts): the first linear all-gathers them, the second reduce-scatters.
+    Returns the same fields as :func:`tensor_parallel_mlp`, the differences against this rank's
+    rows of the whole MLP's output and input gradient, and ``boundary_bytes``: the input and
+    output this rank holds, what sequence parallelism divides by the number of ranks."""
+    import copy
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    if sequence_parallel and tokens % rank.world_size:
+        raise ValueError(f"sequence parallelism splits the {tokens} tokens {rank.world_size} ways: pick a multiple")
+    mesh = init_device_mesh(rank.device.type, (rank.world_size,))
+    full = mlp(hidden, ffn).to(rank.device)
+    plan = (
+        {"0": ColwiseParallel(input_layouts=Shard(0)), "2": RowwiseParallel(output_layouts=Shard(0))}
+        if sequence_parallel
+        else {"0": ColwiseParallel(), "2": RowwiseParallel()}
+    )
+    model = parallelize_module(copy.deepcopy(full), mesh, plan)
+    torch.manual_seed(1)
+    whole = torch.randn(tokens, hidden, device=rank.device)
+    rows = whole.chunk(rank.world_size)[rank.rank] if sequence_parallel else whole
+    x = rows.clone().requires_grad_(True)
+    counter = CommCounter()
+    with measure(model, x) as m, counter:
+        y, saved = saved_for_backward(list(model.parameters()), lambda: model(x))
+        (y.square().sum() / whole.numel()).backward()  # this rank's share of the whole output's mean square
+    reference = whole.clone().requires_grad_(True)
+    out = full(reference)
+    out.square().mean().backward()
+    mine = (lambda t: t.chunk(rank.world_size)[rank.rank]) if sequence_parallel else (lambda t: t)
+    return {
+        "rank": rank.rank,
+        "weight_bytes": storage_bytes(list(model.parameters())),
+        "peak_bytes": m.peak_bytes,
+        "activation_bytes": saved,
+        "max_abs_diff": float((y.detach() - mine(out.detach())).abs().max()),
+        "input_grad_diff": float((x.grad - mine(reference.grad)).abs().max()),
+        "comm_bytes": dict(counter.bytes),
+        "boundary_bytes": storage_bytes([x.detach(), y.detach()]),  # what the rank holds between TP regions
+    }
+
+
 def saved_for_backward(params: list[torch.Tensor], forward: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Run ``forward()``; return its output and the bytes of the distinct storages autograd
     saved for backward, parameters excluded: the activations, by definition. (Counting live
     tensors instead would also catch buffers whose release a collective may delay.)"""
-    weights = {p.untyped_storage().data_ptr() for p in params}
+    weights = {s.data_ptr() for p in params for s in real_storages(p)}  # a DTensor's local shard too
     saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
