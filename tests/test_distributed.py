@@ -121,8 +121,8 @@ def test_pytorchs_tensor_parallelism_holds_and_sends_what_the_hand_written_layer
     all-reduces as ShardedMLP (issue 23); with sequence parallelism each rank holds half the input
     and output, and an all-gather plus a reduce-scatter carry the all-reduce's ring traffic."""
     hand = launch(PL.tensor_parallel_mlp, 2, args=(32, 128, 16), timeout_s=60)
-    real = launch(PL.dtensor_mlp, 2, args=(32, 128, 16), timeout_s=60)
-    seq = launch(PL.dtensor_mlp, 2, args=(32, 128, 16, True), timeout_s=60)
+    both = launch(PL.dtensor_mlps, 2, args=(32, 128, 16), timeout_s=60)
+    real, seq = [r[False] for r in both], [r[True] for r in both]
     for h, r, s in zip(hand, real, seq):
         assert (r["weight_bytes"], r["activation_bytes"], r["comm_bytes"]) == (
             h["weight_bytes"],
@@ -156,6 +156,17 @@ def test_1f1b_holds_fewer_micro_batches_than_gpipe():
         assert peaks["1f1b"][r][1] < peaks["gpipe"][r][1]
     with pytest.raises(ValueError, match="unknown schedule"):
         PL.pipeline(Rank.in_process(), 4, 16, 8, 2, schedule="interleaved")
+
+
+def test_pytorchs_pipeline_schedules_match_the_unsplit_model_and_1f1b_holds_less():
+    """torch.distributed.pipelining on gloo ranks (issue 23): both schedules give the unsplit model's
+    gradients; at 8 micro-batches Schedule1F1B peaks below ScheduleGPipe on every rank."""
+    ranks = launch(PL.torch_pipelines, 2, args=(4, 64, 64, 8), timeout_s=120)
+    assert all(r[s]["grad_diff"] < 1e-5 for r in ranks for s in PL.SCHEDULES)
+    peaks = {s: [r[s]["peak_bytes"] for r in ranks] for s in PL.SCHEDULES}
+    assert all(a < b for a, b in zip(peaks["1f1b"], peaks["gpipe"]))
+    with pytest.raises(ValueError, match="at least 2 micro-batches"):
+        PL.torch_pipeline(Rank(0, 2, torch.device("cpu"), "gloo"), 4, 64, 64, 1)
 
 
 def test_ring_traffic():

@@ -8,8 +8,9 @@
 - :func:`tensor_parallel_mlp` - a column-parallel then row-parallel MLP (Megatron-style), written
   out with two autograd functions; :func:`dtensor_mlp` - the same split by PyTorch's
   ``parallelize_module`` (DTensor), with or without sequence parallelism.
-- :func:`pipeline` - a 2-stage pipeline over micro-batches (GPipe schedule), with the
-  bubble measured from each stage's busy time.
+- :func:`pipeline` - a 2-stage pipeline over micro-batches (GPipe or 1F1B, written out), with the
+  bubble measured from each stage's busy time; :func:`torch_pipeline` - the same stages on
+  ``torch.distributed.pipelining`` (``ScheduleGPipe``, ``Schedule1F1B``).
 """
 
 from __future__ import annotations
@@ -369,6 +370,11 @@ def dtensor_mlp(rank: Rank, hidden: int, ffn: int, tokens: int, sequence_paralle
     }
 
 
+def dtensor_mlps(rank: Rank, hidden: int, ffn: int, tokens: int) -> dict[bool, dict[str, Any]]:
+    """:func:`dtensor_mlp` without and with sequence parallelism, in one set of processes."""
+    return {sp: dtensor_mlp(rank, hidden, ffn, tokens, sp) for sp in (False, True)}
+
+
 def saved_for_backward(params: list[torch.Tensor], forward: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Run ``forward()``; return its output and the bytes of the distinct storages autograd
     saved for backward, parameters excluded: the activations, by definition. (Counting live
@@ -506,6 +512,70 @@ def _pipeline_step(
     for request, _ in sends:
         request.wait()
     return busy
+
+
+class StageModule(nn.Module):
+    """A stage of :func:`stage` blocks as a module (residual connections included): what
+    ``torch.distributed.pipelining.PipelineStage`` wraps."""
+
+    def __init__(self, blocks: nn.Sequential) -> None:
+        super().__init__()
+        self.blocks = blocks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _run_stage(self.blocks, x)
+
+
+def torch_pipeline(
+    rank: Rank, layers: int, hidden: int, batch: int, micro_batches: int, schedule: str = "gpipe"
+) -> dict[str, Any]:
+    """The 2-stage pipeline of :func:`pipeline` on PyTorch's own API: a
+    ``torch.distributed.pipelining.PipelineStage`` per rank, driven by ``ScheduleGPipe`` or
+    ``Schedule1F1B`` with the loss ``y.square().mean()`` per micro-batch (the schedules scale the
+    gradients by 1 / ``micro_batches``). Runs two steps and returns this rank's weight bytes, the
+    second (steady-state) step's peak, and the largest difference of its gradients from the
+    unsplit model's on the whole batch."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
+    if micro_batches < rank.world_size or batch % micro_batches:
+        raise ValueError(
+            f"PyTorch's schedules need at least {rank.world_size} micro-batches (one per stage) that split "
+            f"the batch of {batch} evenly; got {micro_batches}"
+        )
+    mine = StageModule(stage(layers // 2, hidden, seed=rank.rank)).to(rank.device)
+    torch.manual_seed(2)
+    data = torch.randn(batch, hidden, device=rank.device)
+    runner = (ScheduleGPipe if schedule == "gpipe" else Schedule1F1B)(
+        PipelineStage(mine, rank.rank, rank.world_size, rank.device),
+        micro_batches,
+        loss_fn=lambda y, _target: y.square().mean(),
+    )
+    peaks = []
+    for _ in range(2):  # the first step also creates the stages' buffers
+        mine.zero_grad(set_to_none=True)
+        with measure(mine) as m:
+            if rank.rank == 0:
+                runner.step(data)
+            else:
+                runner.step(target=torch.zeros(batch, hidden, device=rank.device))
+        peaks.append(m.peak_bytes)
+    whole = [StageModule(stage(layers // 2, hidden, seed=s)).to(rank.device) for s in range(rank.world_size)]
+    whole[1](whole[0](data)).square().mean().backward()
+    grads = zip(mine.parameters(), whole[rank.rank].parameters(), strict=True)
+    return {
+        "rank": rank.rank,
+        "schedule": schedule,
+        "weight_bytes": storage_bytes(list(mine.parameters())),
+        "peak_bytes": peaks[-1],
+        "grad_diff": max(float((a.grad - b.grad).abs().max()) for a, b in grads),
+    }
+
+
+def torch_pipelines(rank: Rank, layers: int, hidden: int, batch: int, micro_batches: int) -> dict[str, dict[str, Any]]:
+    """:func:`torch_pipeline` under each of :data:`SCHEDULES`, in one set of processes."""
+    return {s: torch_pipeline(rank, layers, hidden, batch, micro_batches, s) for s in SCHEDULES}
 
 
 def pipelines(
