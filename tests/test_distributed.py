@@ -169,6 +169,23 @@ def test_pytorchs_pipeline_schedules_match_the_unsplit_model_and_1f1b_holds_less
         PL.torch_pipeline(Rank(0, 2, torch.device("cpu"), "gloo"), 4, 64, 64, 1)
 
 
+def test_torchrun_runs_fsdp2_and_meta_init_never_holds_the_whole_model():
+    """The launch practitioners use (issue 23): torchrun starts the ranks of vramlab.torchrun_fsdp;
+    created on the meta device a rank holds only its shards, created normally the whole model."""
+    from vramlab.distributed import torchrun
+
+    full = torchrun("vramlab.torchrun_fsdp", 2, ["--init", "full", "--layers", "2"], timeout_s=120)
+    meta = torchrun("vramlab.torchrun_fsdp", 2, ["--init", "meta", "--layers", "2"], timeout_s=120)
+    assert [d["rank"] for d in meta] == [0, 1]
+    for f, m in zip(full, meta):
+        assert f["init_peak_bytes"] >= f["full_param_bytes"] > 1.9 * m["init_peak_bytes"]
+        assert m["param_bytes"] == f["param_bytes"] and m["step_peak_bytes"] == f["step_peak_bytes"]
+    with pytest.raises(RankFailed, match="--layers must be at least 1"):
+        torchrun("vramlab.torchrun_fsdp", 2, ["--layers", "0"], timeout_s=60)
+    with pytest.raises(RanksTimedOut, match="past 0.5 s"):
+        torchrun("vramlab.torchrun_fsdp", 2, timeout_s=0.5)
+
+
 def test_ring_traffic():
     assert ring_traffic_bytes({"all-reduce": 100}, 2) == 100
     assert ring_traffic_bytes({"all-gather": 50, "reduce-scatter": 100}, 2) == 100

@@ -9,18 +9,25 @@ outlives the call, even when the notebook cell is interrupted.
 
 The rank function must be importable (defined in a module, not in a notebook cell): the
 processes are started with "spawn", which imports it afresh in each process.
+
+:func:`torchrun` runs a module the way practitioners launch training, under PyTorch's
+``torchrun`` (``python -m torch.distributed.run``), and collects the JSON line each rank prints.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
+import re
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -199,6 +206,56 @@ def launch(
                     os.unlink(error_file)
         del store
         shutil.rmtree(outdir, ignore_errors=True)
+
+
+def torchrun(module: str, nproc: int = 2, args: Sequence[str] = (), timeout_s: float = 120.0) -> list[dict[str, Any]]:
+    """Run ``torchrun --standalone --nproc-per-node nproc -m module *args`` (as
+    ``python -m torch.distributed.run``, with this interpreter) and return the JSON object each
+    rank printed on a line of its own, in rank order. The module must be importable by a fresh
+    interpreter: this package's folder is put on ``PYTHONPATH``. A failure or a timeout raises
+    :class:`RankFailed` or :class:`RanksTimedOut` with torchrun's last line of error output; no
+    process outlives the call."""
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise ValueError(f"nproc must be a positive int, got {nproc!r}.")
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s <= MAX_TIMEOUT_S:
+        raise ValueError(
+            f"timeout_s must be a number of seconds above 0 and at most {MAX_TIMEOUT_S:.0f}, got {timeout_s!r}."
+        )
+    here = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    process = subprocess.Popen(
+        [*command, "-m", module, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,  # its own process group: a timeout kills torchrun and every rank
+    )
+    try:
+        out, err = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise RanksTimedOut(f"torchrun ran past {timeout_s:g} s and was killed with its ranks") from None
+    except BaseException:  # Ctrl-C in the notebook: take the ranks down too
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        raise
+    if process.returncode:
+        raise RankFailed(f"torchrun exited with code {process.returncode}: {_rank_error(err)}")
+    rows = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
+    return sorted(rows, key=lambda row: row.get("rank", 0))
+
+
+def _rank_error(stderr: str) -> str:
+    """The first error a rank printed (an exception's last line, or argparse's "error:" line)."""
+    for line in stderr.splitlines():
+        if re.match(r"^[\w.]*(Error|Exception): ", line) or ": error: " in line or "No module named" in line:
+            if "ChildFailedError" not in line:
+                return line.strip()
+    return "no rank printed an error (see torchrun's own output)"
 
 
 def _result(outdir: str, rank: int) -> Any:
