@@ -57,7 +57,9 @@ def test_too_long_input():
 
 
 @pytest.mark.parametrize(
-    "setting", [dict(every=1), dict(every=2), dict(attention_only=True), dict(segments=2)], ids=str
+    "setting",
+    [dict(every=1), dict(every=2), dict(attention_only=True), dict(segments=2), dict(every=1, save_matmuls=True)],
+    ids=str,
 )
 def test_checkpointing_keeps_gradients_and_lowers_the_peak(setting):
     from vramlab import measure
@@ -84,6 +86,25 @@ def test_checkpointing_bad_arguments():
         model.set_checkpointing(segments=3)
     with pytest.raises(ValueError):
         model.set_checkpointing(every=-1)
+    with pytest.raises(ValueError, match="set every=1"):
+        model.set_checkpointing(save_matmuls=True)
+
+
+def test_selective_checkpointing_saves_between_none_and_every_block():
+    """Selective checkpointing keeps the matmul and attention outputs: more than a block's input,
+    less than everything."""
+    from vramlab import measure
+
+    cfg = GPTConfig(vocab_size=64, seq_len=32, hidden=32, layers=4, heads=4)
+    ids = random_batch(cfg, 4)
+    saved = {}
+    for name, kw in {"none": {}, "full": dict(every=1), "selective": dict(every=1, save_matmuls=True)}.items():
+        model = TinyGPT(cfg).set_checkpointing(**kw)
+        with measure(model, ids) as m:
+            loss = model.loss(ids)
+        saved[name] = m.end_delta_bytes
+        del loss
+    assert saved["full"] < saved["selective"] < saved["none"]
 
 
 def test_pattern_batch_is_learnable_and_in_range():

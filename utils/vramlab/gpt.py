@@ -8,8 +8,9 @@ MLP, a tied LM head), so what the course measures on it carries over to real LLM
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +98,30 @@ class Block(nn.Module):
         return x + self.out(F.gelu(self.fc(self.ln2(x))))
 
 
+SAVED_BY_SELECTIVE = (
+    "aten.mm.default",
+    "aten.addmm.default",
+    "aten.bmm.default",
+    "aten._scaled_dot_product_flash_attention_for_cpu.default",
+    "aten._scaled_dot_product_flash_attention.default",
+    "aten._scaled_dot_product_efficient_attention.default",
+    "aten._scaled_dot_product_cudnn_attention.default",
+)
+"""The ops whose outputs selective checkpointing keeps (the expensive ones); the rest is recomputed."""
+
+
+def _save_expensive(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: ARG001
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if str(op) in SAVED_BY_SELECTIVE else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context() -> Any:
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(_save_expensive)
+
+
 class TinyGPT(nn.Module):
     """A decoder-only language model. ``forward(ids)`` returns logits (batch, seq, vocab)."""
 
@@ -109,6 +134,7 @@ class TinyGPT(nn.Module):
         self.ln = nn.LayerNorm(self.cfg.hidden)
         self.checkpoint_every = 0
         self.checkpoint_segments = 0
+        self.checkpoint_context: Callable[[], Any] | None = None
         self.apply(self._init_weights)
 
     @staticmethod
@@ -119,15 +145,23 @@ class TinyGPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def set_checkpointing(self, every: int = 0, attention_only: bool = False, segments: int = 0) -> TinyGPT:
+    def set_checkpointing(
+        self, every: int = 0, attention_only: bool = False, segments: int = 0, save_matmuls: bool = False
+    ) -> TinyGPT:
         """Activation checkpointing: every ``every``-th block whole, or only the attention of
-        every block, or ``segments`` equal runs of blocks (``checkpoint_sequential``). 0 / False: off."""
+        every block, or ``segments`` equal runs of blocks (``checkpoint_sequential``). 0 / False: off.
+        ``save_matmuls`` (with ``every``): selective checkpointing, PyTorch's
+        ``create_selective_checkpoint_contexts`` with a policy that keeps the outputs of matrix
+        products and attention (:data:`SAVED_BY_SELECTIVE`) and recomputes the cheap rest."""
         if every < 0 or segments < 0 or (segments and self.cfg.layers % segments):
             raise ValueError(
                 f"every >= 0 and segments must divide the {self.cfg.layers} layers; "
                 f"got every={every}, segments={segments}"
             )
+        if save_matmuls and not every:
+            raise ValueError("save_matmuls selects what a checkpointed block keeps: set every=1 (or more) too")
         self.checkpoint_every, self.checkpoint_segments = every, segments
+        self.checkpoint_context = _selective_context if save_matmuls else None
         for block in self.blocks:
             block.checkpoint_attention = attention_only
         return self
@@ -147,7 +181,8 @@ class TinyGPT(nn.Module):
         else:
             for i, block in enumerate(self.blocks):
                 if training and self.checkpoint_every and i % self.checkpoint_every == 0:
-                    x = checkpoint(block, x, use_reentrant=False)
+                    extra = {"context_fn": self.checkpoint_context} if self.checkpoint_context else {}
+                    x = checkpoint(block, x, use_reentrant=False, **extra)
                 else:
                     x = block(x, None if caches is None else caches[i])
         return self.ln(x) @ self.tok.weight.t()  # tied LM head
