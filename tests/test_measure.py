@@ -321,3 +321,30 @@ def test_gpu_processes_counts_process_lines_only():
         "process      12345 uses     1024.000 MB GPU memory"
     ]
     assert gpu_processes("pynvml module not found, please install pynvml") is None
+
+
+def test_cuda_context_probe_refuses_without_a_gpu_and_reads_its_childs_line(monkeypatch):
+    """The CUDA-context measurement runs a child process; here its plumbing, with the GPU faked."""
+    import subprocess
+
+    from vramlab import device
+
+    monkeypatch.setattr(device, "has_cuda", lambda: False)
+    with pytest.raises(device.NoGPUError, match="measuring the CUDA context needs a CUDA GPU"):
+        device.cuda_context_bytes()
+    monkeypatch.setattr(device, "has_cuda", lambda: True)
+    seen = {}
+
+    def fake_run(cmd, **kw):
+        seen["loading"] = kw["env"]["CUDA_MODULE_LOADING"]
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"grew": 530579456, "reserved": 2097152}\n', stderr="")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    assert device.cuda_context_bytes(lazy=False) == 530579456 - 2097152 and seen["loading"] == "EAGER"
+    monkeypatch.setattr(
+        subprocess,
+        "run",
+        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "ModuleNotFoundError: No module named 'pynvml'"),
+    )
+    with pytest.raises(RuntimeError, match="pip install nvidia-ml-py"):
+        device.cuda_context_bytes()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from dataclasses import dataclass
 
@@ -100,3 +101,58 @@ def gpu_processes(listing: str) -> list[str] | None:
     if "pynvml" in listing:
         return None
     return [line.strip() for line in listing.splitlines()[1:] if line.strip().startswith("process")]
+
+
+def host_rss_bytes() -> int:
+    """This process's resident host memory now (RSS), in bytes: ``/proc/self/statm`` on Linux
+    (Colab, CI), else psutil. Counts the pages the process has touched, including pages of
+    memory-mapped files it has read; not what it has mapped but never read."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        pass
+    try:
+        import psutil
+    except ImportError:
+        raise RuntimeError("reading this process's host memory needs Linux or psutil: pip install psutil") from None
+    return int(psutil.Process().memory_info().rss)
+
+
+_CONTEXT_PROBE = """
+import json, os, sys
+import pynvml
+import torch
+visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+pynvml.nvmlInit()
+handle = pynvml.nvmlDeviceGetHandleByIndex(int(visible) if visible.isdigit() else 0)
+before = pynvml.nvmlDeviceGetMemoryInfo(handle).used
+torch.zeros(1, device="cuda")
+torch.cuda.synchronize()
+after = pynvml.nvmlDeviceGetMemoryInfo(handle).used
+print(json.dumps({"grew": after - before, "reserved": torch.cuda.memory_reserved()}))
+"""
+
+
+def cuda_context_bytes(lazy: bool = True, timeout_s: float = 120.0) -> int:
+    """Bytes of GPU memory a fresh process's CUDA context takes, with ``CUDA_MODULE_LOADING``
+    ``LAZY`` (PyTorch's default: kernels load when first used) or ``EAGER`` (every kernel at
+    start-up). Measured in a child process: the device's used memory by NVML before and after
+    the first CUDA tensor, less what PyTorch's allocator reserved for that tensor. Needs a GPU
+    and NVML (``pip install nvidia-ml-py``); other processes must not allocate meanwhile."""
+    import json
+    import subprocess
+    import sys
+
+    require_cuda("measuring the CUDA context")
+    env = {**os.environ, "CUDA_MODULE_LOADING": "LAZY" if lazy else "EAGER"}
+    done = subprocess.run(
+        [sys.executable, "-c", _CONTEXT_PROBE], capture_output=True, text=True, env=env, timeout=timeout_s
+    )
+    if done.returncode:
+        last = (done.stderr.strip().splitlines() or ["no error output"])[-1]
+        if "pynvml" in last:
+            raise RuntimeError("measuring the CUDA context needs NVML: pip install nvidia-ml-py") from None
+        raise RuntimeError(f"the context probe failed: {last}")
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    return int(row["grew"]) - int(row["reserved"])
