@@ -266,6 +266,18 @@ def ch06_generation(s: Sizes) -> int:
     return 0
 
 
+def ch07(s: Sizes) -> int:
+    cfg = s.cfg()  # the timing cell: fp32 steps, then 16-bit autocast steps, on one model
+    model, opt, ids = training(cfg, 8)
+    for _ in range(2):
+        step(model, opt, ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model.loss(ids)
+    loss.backward()
+    opt.step()
+    return 0
+
+
 def ch08(s: Sizes) -> int:
     cfg, effective = s.cfg(), s["EFFECTIVE"]
     model, opt, ids = training(cfg, effective)
@@ -356,6 +368,7 @@ SKELETONS: dict[str, list[Callable[[Sizes], int]]] = {
     "04_inference_and_kv_cache": [ch04],
     "05_anatomy_of_an_oom": [ch05],
     "06_slow_unstable_and_leaking": [ch06, ch06_generation],
+    "07_mixed_precision": [ch07],
     "08_gradient_accumulation_and_micro_batching": [ch08],
     "09_activation_checkpointing": [ch09],
     "10_freeing_reusing_and_the_tools": [ch10],
