@@ -182,6 +182,18 @@ def test_torchrun_runs_fsdp2_and_meta_init_never_holds_the_whole_model():
         assert m["param_bytes"] == f["param_bytes"] and m["step_peak_bytes"] == f["step_peak_bytes"]
     with pytest.raises(RankFailed, match="--layers must be at least 1"):
         torchrun("vramlab.torchrun_fsdp", 2, ["--layers", "0"], timeout_s=60)
+    with pytest.raises(RankFailed, match="--prefetch must be between 0 and layers - 1"):
+        torchrun("vramlab.torchrun_fsdp", 2, ["--layers", "2", "--prefetch", "2"], timeout_s=60)
+
+
+def test_torchrun_ranks_save_their_own_shards_and_reload_them_on_the_meta_device(tmp_path):
+    """--checkpoint: torch.distributed.checkpoint writes one file of shards per rank; a model
+    created on the meta device loads them and computes the trained model's loss exactly."""
+    from vramlab.distributed import torchrun
+
+    ranks = torchrun("vramlab.torchrun_fsdp", 2, ["--layers", "2", "--checkpoint", str(tmp_path)], timeout_s=120)
+    assert all(d["reloaded_loss"] == d["trained_loss"] for d in ranks)
+    assert sorted(p.name for p in tmp_path.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     with pytest.raises(RanksTimedOut, match="past 0.5 s"):
         torchrun("vramlab.torchrun_fsdp", 2, timeout_s=0.5)
 
