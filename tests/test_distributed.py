@@ -174,6 +174,7 @@ def test_torchrun_runs_fsdp2_and_meta_init_never_holds_the_whole_model():
     created on the meta device a rank holds only its shards, created normally the whole model."""
     from vramlab.distributed import torchrun
 
+    elastic = len(glob.glob(os.path.join(tempfile.gettempdir(), "torchelastic_*")))  # torchrun's log folders
     full = torchrun("vramlab.torchrun_fsdp", 2, ["--init", "full", "--layers", "2"], timeout_s=120)
     meta = torchrun("vramlab.torchrun_fsdp", 2, ["--init", "meta", "--layers", "2"], timeout_s=120)
     assert [d["rank"] for d in meta] == [0, 1]
@@ -184,6 +185,10 @@ def test_torchrun_runs_fsdp2_and_meta_init_never_holds_the_whole_model():
         torchrun("vramlab.torchrun_fsdp", 2, ["--layers", "0"], timeout_s=60)
     with pytest.raises(RankFailed, match="--prefetch must be between 0 and layers - 1"):
         torchrun("vramlab.torchrun_fsdp", 2, ["--layers", "2", "--prefetch", "2"], timeout_s=60)
+    with pytest.raises(RanksTimedOut, match="past 0.5 s"):
+        torchrun("vramlab.torchrun_fsdp", 2, timeout_s=0.5)
+    left = glob.glob(os.path.join(tempfile.gettempdir(), "vramlab-torchrun-*"))  # no log folder left behind
+    assert not left and len(glob.glob(os.path.join(tempfile.gettempdir(), "torchelastic_*"))) == elastic
 
 
 def test_torchrun_ranks_save_their_own_shards_and_reload_them_on_the_meta_device(tmp_path):
@@ -194,8 +199,6 @@ def test_torchrun_ranks_save_their_own_shards_and_reload_them_on_the_meta_device
     ranks = torchrun("vramlab.torchrun_fsdp", 2, ["--layers", "2", "--checkpoint", str(tmp_path)], timeout_s=120)
     assert all(d["reloaded_loss"] == d["trained_loss"] for d in ranks)
     assert sorted(p.name for p in tmp_path.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
-    with pytest.raises(RanksTimedOut, match="past 0.5 s"):
-        torchrun("vramlab.torchrun_fsdp", 2, timeout_s=0.5)
 
 
 def test_ring_traffic():

@@ -223,26 +223,30 @@ def torchrun(module: str, nproc: int = 2, args: Sequence[str] = (), timeout_s: f
         )
     here = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
+    logs = tempfile.mkdtemp(prefix="vramlab-torchrun-")  # torchrun's log folder: else it leaves one in /tmp per run
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    process = subprocess.Popen(
-        [*command, "-m", module, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,  # its own process group: a timeout kills torchrun and every rank
-    )
     try:
-        out, err = process.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        raise RanksTimedOut(f"torchrun ran past {timeout_s:g} s and was killed with its ranks") from None
-    except BaseException:  # Ctrl-C in the notebook: take the ranks down too
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        raise
+        process = subprocess.Popen(
+            [*command, f"--log-dir={logs}", "-m", module, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            start_new_session=True,  # its own process group: a timeout kills torchrun and every rank
+        )
+        try:
+            out, err = process.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise RanksTimedOut(f"torchrun ran past {timeout_s:g} s and was killed with its ranks") from None
+        except BaseException:  # Ctrl-C in the notebook: take the ranks down too
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            raise
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
     if process.returncode:
         raise RankFailed(f"torchrun exited with code {process.returncode}: {_rank_error(err)}")
     rows = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
