@@ -4,7 +4,8 @@
 normalisation ops in float32 (``AT_FORALL_FP32`` in ``aten/src/ATen/autocast_mode.h``: ``exp``,
 ``log``, ``pow``, ``rsqrt``, ``reciprocal``, ``softplus``, ``layer_norm``, ``group_norm``, ...): their
 16-bit inputs are cast to float32 first, and the float32 copy is what autograd saves. CPU
-autocast has no such list, so the same op runs in 16 bits there. For a model whose Python
+autocast's float32 list holds losses, ``cdist`` and linear algebra, not these ops, so they run
+in 16 bits there. For a model whose Python
 code calls one of these ops on a 16-bit tensor (GPT-2's ``gelu_new`` calls ``torch.pow``), a CPU
 run saves fewer bytes than the GPU will.
 
@@ -29,7 +30,7 @@ _NAMES += ("sinh", "tan", "erfinv")
 CUDA_FP32_OPS: frozenset[Callable[..., Any]] = frozenset(
     [getattr(torch, n) for n in _NAMES]
     + [getattr(torch.Tensor, n) for n in _NAMES]
-    + [torch.Tensor.__pow__, torch.Tensor.__rpow__, F.softplus, F.layer_norm, F.group_norm]
+    + [torch.Tensor.__pow__, torch.Tensor.__rpow__, F.softplus, F.layer_norm, F.group_norm, F.rms_norm]
 )
 """The functions :func:`cuda_fp32_ops` runs in float32: CUDA autocast's float32 list, as
 Python calls them (``torch.pow``, ``Tensor.pow``, ``x ** 3``, ``F.layer_norm``, ...)."""

@@ -541,8 +541,8 @@ def torch_pipeline(
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
     if micro_batches < rank.world_size or batch % micro_batches:
         raise ValueError(
-            f"PyTorch's schedules need at least {rank.world_size} micro-batches (one per stage) that split "
-            f"the batch of {batch} evenly; got {micro_batches}"
+            f"this comparison needs at least {rank.world_size} micro-batches (Schedule1F1B refuses fewer than one "
+            f"per stage) that split the batch of {batch} evenly; got {micro_batches}"
         )
     mine = StageModule(stage(layers // 2, hidden, seed=rank.rank)).to(rank.device)
     torch.manual_seed(2)
