@@ -6,8 +6,9 @@ that tensor is larger than a block's activations, and Hugging Face's loss upcast
 (``ForCausalLMLoss``: ``logits.float()``) before ``cross_entropy``, whose backward adds a
 gradient of the same size. :func:`chunked_cross_entropy` computes the same loss a chunk of
 tokens at a time and recomputes each chunk's logits in backward, so only one chunk's logits
-(and their gradient) are ever alive: the idea behind Liger's fused linear cross-entropy and
-Apple's Cut Cross-Entropy, written with ``torch.utils.checkpoint``.
+(and their gradient) are ever alive. Liger Kernel's fused linear cross-entropy and Cut
+Cross-Entropy also avoid materialising every logit, each in its own kernels; this is the plain
+PyTorch version, written with ``torch.utils.checkpoint``.
 """
 
 from __future__ import annotations
