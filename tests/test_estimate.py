@@ -255,3 +255,15 @@ def test_lora_dry_run_trains_only_fp32_adapters_and_equals_a_real_run():
         dryrun("gpt2", seq=64, lora_rank=4)
     with pytest.raises(ValueError, match="lora_rank must be 0"):
         dryrun(TINY_LLAMA, lora_rank=-1)
+
+
+def test_block_backward_bytes_is_one_blocks_saved_tensors_and_their_gradients():
+    """What the planner's ZeRO-3 term and QLoRA's backward moment add: a block's saved tensors
+    other than its input, once for their gradients, and once more when checkpointing recomputes them."""
+    from vramlab.estimate import block_backward_bytes, checkpoint_input_bytes, layer_terms
+
+    arch = get_arch("llama-2-7b")
+    per_token = sum(t.bytes_per_token for t in layer_terms(arch, "bf16")) - checkpoint_input_bytes(arch, "bf16")
+    tokens = 2 * 256
+    assert block_backward_bytes(arch, 2, 256, "bf16") == pytest.approx(2 * per_token * tokens, abs=arch.num_layers)
+    assert block_backward_bytes(arch, 2, 256, "bf16", checkpointing=False) == pytest.approx(per_token * tokens, abs=32)

@@ -1,4 +1,4 @@
-"""CUDA autocast's float32 rule, applied on a CPU: how a dry run counts what a GPU saves.
+"""CUDA autocast's float32 rules, applied on a CPU: how a dry run counts what a GPU saves.
 
 ``torch.autocast`` keeps one op list per device. CUDA's runs a set of elementwise and
 normalisation ops in float32 (``AT_FORALL_FP32`` in ``aten/src/ATen/autocast_mode.h``: ``exp``,
@@ -9,15 +9,19 @@ in 16 bits there. For a model whose Python
 code calls one of these ops on a 16-bit tensor (GPT-2's ``gelu_new`` calls ``torch.pow``), a CPU
 run saves fewer bytes than the GPU will.
 
-:func:`cuda_fp32_ops` applies CUDA's rule to the ops listed in :data:`CUDA_FP32_OPS` while CPU
-autocast is on. CUDA's second list (``softmax``, ``log_softmax``, ``sum``, ``cumsum``, ``prod``
-get ``dtype=float32`` when none is given: no copy of the input is saved) is not applied.
+:func:`cuda_fp32_ops` applies both of CUDA's float32 rules while CPU autocast is on: the ops of
+:data:`CUDA_FP32_OPS` get float32 copies of their 16-bit inputs, and those of
+:data:`CUDA_FP32_DTYPE_OPS` (``softmax``, ``log_softmax``, ``sum``, ``cumsum``, ``prod``, ...) get
+``dtype=torch.float32`` when the caller gives none: no copy of the input, a float32 output.
+The dry runs of :mod:`vramlab.dryrun` run under it, so they count what a GPU saves.
+The rule acts on calls from Python (``torch.pow``, ``F.layer_norm``); an op that C++ code calls
+inside another op is not seen, as on CUDA, where autocast also acts only on the outermost op.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -35,28 +39,58 @@ CUDA_FP32_OPS: frozenset[Callable[..., Any]] = frozenset(
 """The functions :func:`cuda_fp32_ops` runs in float32: CUDA autocast's float32 list, as
 Python calls them (``torch.pow``, ``Tensor.pow``, ``x ** 3``, ``F.layer_norm``, ...)."""
 
+_DTYPE_NAMES = ("softmax", "log_softmax", "sum", "cumsum", "prod", "cumprod")
+CUDA_FP32_DTYPE_OPS: frozenset[Callable[..., Any]] = frozenset(
+    [getattr(torch, n) for n in _DTYPE_NAMES]
+    + [getattr(torch.Tensor, n) for n in _DTYPE_NAMES]
+    + [F.softmax, F.log_softmax, torch.linalg.vector_norm, torch.linalg.matrix_norm]
+)
+"""The functions CUDA autocast gives ``dtype=torch.float32`` when the call names no dtype
+(``AT_FORALL_FP32_SET_OPT_DTYPE``): the output is float32, the input is not copied."""
 
-def _to_fp32(value: Any, low: torch.dtype) -> Any:
-    if isinstance(value, torch.Tensor) and value.dtype == low:
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def _to_fp32(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.dtype in _LOW:
         return value.float()
     if isinstance(value, list | tuple):
-        return type(value)(_to_fp32(v, low) for v in value)
+        return type(value)(_to_fp32(v) for v in value)
     return value
+
+
+def _eligible(args: tuple[Any, ...]) -> bool:
+    """CUDA's test for the dtype rule: the first argument is a floating tensor, not float64."""
+    first = args[0] if args else None
+    return isinstance(first, torch.Tensor) and first.is_floating_point() and first.dtype != torch.float64
 
 
 class _CudaFp32Rule(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
-        if func in CUDA_FP32_OPS and torch.is_autocast_enabled("cpu"):
-            low = torch.get_autocast_dtype("cpu")
-            args, kwargs = _to_fp32(args, low), {k: _to_fp32(v, low) for k, v in kwargs.items()}
+        if torch.is_autocast_enabled("cpu"):
+            if func in CUDA_FP32_OPS:
+                args, kwargs = _to_fp32(args), {k: _to_fp32(v) for k, v in kwargs.items()}
+            elif func in CUDA_FP32_DTYPE_OPS and kwargs.get("dtype") is None and _eligible(args):
+                if not (func in (F.softmax, F.log_softmax) and len(args) > 3):  # dtype given by position
+                    kwargs = {**kwargs, "dtype": torch.float32}
         return func(*args, **kwargs)
 
 
 @contextmanager
 def cuda_fp32_ops() -> Iterator[None]:
-    """While CPU autocast is on inside this block, run the ops of :data:`CUDA_FP32_OPS` in
-    float32 as CUDA autocast does: each 16-bit tensor argument is cast to float32 first (the
-    cast is recorded by autograd, so the float32 copy is what backward keeps)."""
+    """While CPU autocast is on inside this block, apply CUDA autocast's float32 rules: the ops
+    of :data:`CUDA_FP32_OPS` get each 16-bit tensor argument cast to float32 first (the cast is
+    recorded by autograd, so the float32 copy is what backward keeps); those of
+    :data:`CUDA_FP32_DTYPE_OPS` get ``dtype=torch.float32`` unless the call names a dtype.
+    Activation checkpointing recomputes outside it: see :func:`checkpoint_contexts`."""
     with _CudaFp32Rule():
         yield
+
+
+def checkpoint_contexts() -> tuple[AbstractContextManager[None], AbstractContextManager[None]]:
+    """``context_fn`` for ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: the
+    rule around the recompute. Checkpointing restores autocast for the recompute but not a
+    function mode, so without this a checkpointed block would recompute under CPU rules and
+    fail checkpointing's dtype check (forward: nothing, the caller's block already applies it)."""
+    return nullcontext(), cuda_fp32_ops()

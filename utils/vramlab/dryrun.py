@@ -7,8 +7,9 @@ few hundred MiB of RAM. The storage tracker (:mod:`vramlab.tracker`) records wha
 allocator would have held at each op.
 
 How it differs from a GPU run, stated here once: fake tensors live on the CPU device, so
-ops pick their CPU kernels (attention is the CPU flash kernel, not cuDNN/FlashAttention, and
-the CPU autocast op lists apply); kernels' private workspaces are not seen; the CUDA
+ops pick their CPU kernels (attention is the CPU flash kernel, not cuDNN/FlashAttention);
+autocast is CPU autocast with CUDA's float32 rules applied (:mod:`vramlab.autocast_rules`), so
+ops such as GPT-2's ``pow`` save the float32 copies a GPU saves; kernels' private workspaces are not seen; the CUDA
 allocator's 512-byte rounding and cache are not modelled. The optimizer uses the foreach
 implementation, the default on CUDA (the CPU default is a per-tensor loop).
 """
@@ -27,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from . import anymodel
+from .autocast_rules import checkpoint_contexts, cuda_fp32_ops
 from .measure import Measurement, measure
 from .models import ArchConfig, HFModel, check_positions, get_arch
 from .offload import OffloadedAdamW
@@ -234,10 +236,23 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter]) -> torch.optim.O
     return bnb.optim.AdamW8bit(params, lr=1e-4)
 
 
-def _autocast(recipe: Recipe) -> contextlib.AbstractContextManager:
+AUTOCAST_RULES = ("cuda", "cpu")
+"""Whose autocast op lists a dry run follows: CUDA's (what a GPU saves, the default) or the
+CPU's own (what a CPU run saves; they differ for ops such as ``pow`` and ``layer_norm``)."""
+
+
+@contextlib.contextmanager
+def _autocast(recipe: Recipe, rules: str = "cuda") -> Iterator[None]:
+    """The recipe's autocast, following ``rules`` (see :data:`AUTOCAST_RULES`). Backward may run
+    inside too: activation checkpointing recomputes under the same rules."""
+    if rules not in AUTOCAST_RULES:
+        raise ValueError(f"unknown autocast rules {rules!r}; use one of {AUTOCAST_RULES}")
     if recipe.compute_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast("cpu", dtype=recipe.compute_dtype)
+        yield
+        return
+    rule = cuda_fp32_ops() if rules == "cuda" else contextlib.nullcontext()
+    with rule, torch.autocast("cpu", dtype=recipe.compute_dtype):
+        yield
 
 
 def dryrun(
@@ -398,12 +413,16 @@ def _train_step(
     return steps[0], steps[1], opt.host_bytes() if setup.offload else 0
 
 
-def _enable_checkpointing(net: torch.nn.Module) -> None:
-    """One non-reentrant checkpoint per decoder block."""
+def _enable_checkpointing(net: torch.nn.Module, rules: str = "cuda") -> None:
+    """One non-reentrant checkpoint per decoder block, recomputing under the same autocast
+    ``rules`` as the forward."""
+    kwargs: dict[str, Any] = {"use_reentrant": False}
+    if rules == "cuda":
+        kwargs["context_fn"] = checkpoint_contexts
     if hasattr(net, "activation_checkpointing_enable"):  # transformers >= 5
-        net.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        net.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
-        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _scaled_backward_and_step(loss: torch.Tensor, net: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
@@ -425,12 +444,16 @@ def saved_activations(
     recipe: str = "fp32",
     attention: str = "sdpa",
     checkpointing: bool = False,
+    autocast_rules: str = "cuda",
 ) -> int:
     """Bytes autograd holds at the end of the forward pass (loss computed), by dry run.
 
     These are the tensors saved for backward ("activations"); autocast's 16-bit weight
-    copies are not included (they are weights, not activations).
+    copies are not included (they are weights, not activations). ``autocast_rules``: "cuda"
+    (what a GPU saves) or "cpu" (what CPU autocast saves); see :data:`AUTOCAST_RULES`.
     """
+    if autocast_rules not in AUTOCAST_RULES:
+        raise ValueError(f"unknown autocast_rules {autocast_rules!r}; use one of {AUTOCAST_RULES}")
     arch = get_arch(model)
     check_positive(batch=batch, seq=seq)
     rec = get_recipe(recipe)
@@ -438,9 +461,9 @@ def saved_activations(
         net = build_hf_model(arch, rec.param_dtype, attention)
         net.train()
         if checkpointing:
-            _enable_checkpointing(net)
+            _enable_checkpointing(net, autocast_rules)
         ids = torch.randint(0, arch.vocab_size, (batch, seq))
-        with measure(net, ids) as m, _autocast(rec):
+        with measure(net, ids) as m, _autocast(rec, autocast_rules):
             loss = net(input_ids=ids, labels=ids, use_cache=False).loss
         del loss
     return m.end_breakdown["activations"]

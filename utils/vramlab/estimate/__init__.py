@@ -27,6 +27,7 @@ backward, the end of backward, and the optimizer step. :func:`estimate` returns 
 from .activations import (
     Term,
     activation_bytes,
+    block_backward_bytes,
     checkpoint_input_bytes,
     head_terms,
     korthikanti_bytes_per_layer,
@@ -58,6 +59,8 @@ __all__ = [
     "Term",
     "ZERO_STAGES",
     "activation_bytes",
+    "block_backward_bytes",
+    "block_backward_bytes",
     "checkpoint_input_bytes",
     "estimate",
     "head_terms",

@@ -40,8 +40,20 @@ def _gpt2_layer(arch: ArchConfig, rec: Recipe, attention: str, seq: int) -> list
         Term("LayerNorm outputs feeding c_attn and c_fc", 2 * c * h),
         Term("q, k, v (views of one c_attn output)", 3 * c * h),
         *_attention_terms(arch, c, attention, seq),
-        Term("MLP: c_fc output and 4 GELU-tanh intermediates", 5 * c * i),
+        _gelu_new_term(rec, i),
     ]
+
+
+def _gelu_new_term(rec: Recipe, i: int) -> Term:
+    """What ``c_fc`` and GPT-2's ``gelu_new`` save per token. Under autocast, CUDA's rule runs
+    ``pow`` in fp32: the fp32 copy of ``c_fc``'s output, ``tanh``'s output and ``1 + tanh`` are
+    fp32, beside ``0.5·x`` and ``c_proj``'s 16-bit copy of the product (CPU autocast keeps all
+    five in 16 bits: ``5·c·i``)."""
+    c = rec.compute_bytes
+    if rec.autocast:
+        name = "MLP: c_fc output upcast by pow, tanh, 1+tanh (fp32), 0.5·x and c_proj's input"
+        return Term(name, (3 * 4 + 2 * c) * i)
+    return Term("MLP: c_fc output and 4 GELU-tanh intermediates", 5 * c * i)
 
 
 def _llama_layer(arch: ArchConfig, rec: Recipe, attention: str, seq: int) -> list[Term]:
@@ -118,6 +130,18 @@ def activation_bytes(
     else:
         layers = arch.num_layers * sum(t.bytes_per_token for t in layer_terms(arch, recipe, attention, seq)) * tokens
     return int(layers + head + rotary_bytes(arch, recipe, seq))
+
+
+def block_backward_bytes(
+    model: str | ArchConfig, batch: int, seq: int, recipe: str, checkpointing: bool = True, attention: str = "sdpa"
+) -> int:
+    """Transient bytes of backward through one block, beyond what stays saved: gradients of the
+    size of the block's saved tensors (other than its input), and under checkpointing the
+    recomputed tensors themselves first (twice as much)."""
+    arch = get_arch(model)
+    full = activation_bytes(arch, batch, seq, recipe, attention)
+    kept = activation_bytes(arch, batch, seq, recipe, attention, checkpointing=True)
+    return (2 if checkpointing else 1) * (full - kept) // arch.num_layers
 
 
 def checkpoint_input_bytes(arch: ArchConfig, recipe: str) -> int:

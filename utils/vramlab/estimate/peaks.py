@@ -305,8 +305,11 @@ def _inference_moments(
     per_position = 0
     if arch.family == "gpt2":
         # token embedding, block input, residual, LayerNorm output, the (16-bit under autocast)
-        # dropout copy of the embeddings; the position embedding is one per position
-        base, mlp, per_position = (4 * r + c) * h, 4 * c * i, r * h * seq
+        # dropout copy of the embeddings; the position embedding is one per position. gelu_new's
+        # last multiply holds its input x, 1 + tanh, 0.5·x and the product: under autocast CUDA's
+        # rule runs pow in fp32, so 1 + tanh and the product are fp32
+        base, per_position = (4 * r + c) * h, r * h * seq
+        mlp = (2 * c + 8) * i if amp else 4 * c * i
     else:
         base = 4 * r * h - (r * h if arch.num_layers == 1 else 0)  # embedding, block input, residual, norm output
         mlp = 3 * c * i  # silu(gate), up, product
