@@ -140,7 +140,12 @@ def test_qlora_estimate_parts():
     est = E.qlora_estimate("llama-2-7b", rank=16, batch=1, seq=512)
     adapters = E.lora_param_count("llama-2-7b", 16)
     assert est.breakdown["gradients"] == 4 * adapters and est.breakdown["optimizer"] == 8 * adapters
-    assert est.peak_bytes == sum(est.breakdown.values())
+    assert est.peak_bytes == sum(est.breakdown.values()) == max(est.moments.values())
+    resident = est.moments["resident (weights, adapter state, saved activations)"]
+    dequantized = 2 * 4096 * 11008  # one bf16 copy of the largest block linear
+    block = E.block_backward_bytes("llama-2-7b", 1, 512, "bf16", checkpointing=True)
+    assert est.peak_moment == "backward through one block" and est.peak_bytes == resident + block + dequantized
+    assert est.breakdown["other"] == dequantized
     weights = est.breakdown["parameters"] - 4 * adapters
     assert 0.25 < weights / (2 * E.param_count("llama-2-7b")) < 0.32  # NF4 body, bf16 embedding and head
     with pytest.raises(ValueError):

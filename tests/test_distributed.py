@@ -116,6 +116,19 @@ def test_tensor_parallel_mlp_equals_the_whole_one():
     assert whole["input_grad_diff"] == 0 and whole["comm_bytes"] == {}
 
 
+def test_ring_attention_equals_unsplit_causal_attention_and_holds_a_quarter_of_the_scores():
+    """Context parallelism (review part 3, #27): each of 2 ranks holds (s/2)² scores per head
+    and sends its keys and values once; the merged output is PyTorch's causal attention."""
+    ranks = launch(PL.ring_attention, 2, args=(64, 2, 8), timeout_s=60)
+    whole = PL.ring_attention(Rank.in_process(), 64, 2, 8)
+    assert whole["largest_scores"] == 2 * 64 * 64 and whole["sent_bytes"] == 0 and whole["max_abs_diff"] < 1e-5
+    for r in ranks:
+        assert r["max_abs_diff"] < 1e-5 and r["largest_scores"] == 2 * 32 * 32
+        assert r["sent_bytes"] == 2 * 2 * 32 * 8 * 4  # keys and values of one chunk, fp32, once
+    with pytest.raises(ValueError, match="divide evenly into 2 chunks"):
+        PL.ring_attention(Rank(0, 2, torch.device("cpu"), "gloo"), 63, 2, 8)
+
+
 def test_pytorchs_tensor_parallelism_holds_and_sends_what_the_hand_written_layer_does():
     """parallelize_module (DTensor) on gloo ranks: the same weight and activation bytes and the same
     all-reduces as ShardedMLP (issue 23); with sequence parallelism each rank holds half the input
@@ -251,7 +264,8 @@ def test_zero3_counts_fsdp2s_gradient_buffers_and_the_gather_copy_out():
     """Review part 3, finding 1: per block, FSDP2 holds the bf16 unsharded gradients and the fp32
     reduce-scatter input (6 B per parameter of a 70B block: 4.78 GiB), and the prefetched block's
     all-gather output beside two gathered blocks. With them, ZeRO-3 alone no longer fits 70B on
-    64 x 24 GB cards (the old formula had 20.36 GiB: "just fits"); the TP rung does."""
+    64 x 24 GB cards (the old formula had 20.36 GiB: "just fits"); the TP rung does, on 32. The
+    activations follow the bf16 policy that the gathered weights and gradient buffers assume."""
     from vramlab import get_arch
     from vramlab.estimate import linear_shapes
     from vramlab.planner import zero3_bytes_per_device, zero3_terms
@@ -263,7 +277,8 @@ def test_zero3_counts_fsdp2s_gradient_buffers_and_the_gather_copy_out():
     assert sum(terms.values()) == zero3_bytes_per_device("llama-2-70b", 64, 1, 2048)
     assert sum(terms.values()) + 2**29 > DEVICE_SIZES["24 GB"]
     plan = first_fit("llama-2-70b", DEVICE_SIZES["24 GB"])
-    assert "TP" in plan.recipe and plan.devices == 64
+    assert "TP" in plan.recipe and plan.devices == 32
+    assert terms["checkpointed inputs"] == E.activation_bytes("llama-2-70b", 1, 2048, "bf16", checkpointing=True)
     tp = zero3_terms("llama-2-70b", 64, 1, 2048, tensor_parallel=8)
     assert tp["gradient buffers"] == 6 * block // 8 and tp["sharded states"] == terms["sharded states"]
 

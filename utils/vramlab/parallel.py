@@ -589,3 +589,59 @@ def pipelines(
 ) -> list[dict[str, Any]]:
     """:func:`pipeline` for each number of micro-batches, in one set of processes."""
     return [pipeline(rank, layers, hidden, batch, m, repeats, schedule) for m in micro_batch_counts]
+
+
+def ring_attention(rank: Rank, seq: int, heads: int, head_dim: int, seed: int = 0) -> dict[str, Any]:
+    """Causal attention over ``seq`` tokens split into one contiguous chunk per rank, computed
+    as ring attention (context parallelism) does it: each rank keeps its chunk's queries and
+    passes keys and values around the ring, one chunk per step, merging each chunk's partial
+    result into its output with a running log-sum-exp. No rank ever holds more than a
+    (seq/world)² score matrix per head. Forward only. Every rank draws the same full q, k, v
+    (``seed``) and keeps its slice; ``Rank.in_process()`` gives the one-device computation.
+
+    Returns this rank's peak bytes during the attention, the elements of the largest score
+    matrix it held (all heads), the bytes it sent, and the largest difference of its output from
+    PyTorch's unsplit causal attention (``F.scaled_dot_product_attention``)."""
+    world, r = rank.world_size, rank.rank
+    if seq % world:
+        raise ValueError(f"seq ({seq}) must divide evenly into {world} chunks, one per rank")
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(heads, seq, head_dim, generator=gen) for _ in range(3))
+    chunk = seq // world
+    mine = slice(r * chunk, (r + 1) * chunk)
+    reference = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)[:, mine]
+    q_mine = q[:, mine].clone().to(rank.device)
+    kv = torch.stack([k[:, mine], v[:, mine]]).to(rank.device)  # the chunk that travels around the ring
+    del q, k, v
+    largest, sent = 0, 0
+    with measure(q_mine, kv) as m:
+        out = torch.zeros_like(q_mine)
+        lse = torch.full((heads, chunk, 1), float("-inf"), device=rank.device)
+        causal = torch.ones(chunk, chunk, dtype=torch.bool, device=rank.device).triu(1)
+        for step in range(world):
+            src = (r - step) % world  # whose keys and values this rank holds now
+            if src <= r:  # later chunks are masked out entirely by causality
+                scores = q_mine @ kv[0].transpose(-1, -2) * head_dim**-0.5
+                if src == r:
+                    scores = scores.masked_fill(causal, float("-inf"))
+                largest = max(largest, scores.numel())
+                block_lse = scores.logsumexp(-1, keepdim=True)
+                block_out = torch.softmax(scores, -1) @ kv[1]
+                del scores
+                merged = torch.logaddexp(lse, block_lse)
+                out = out * (lse - merged).exp() + block_out * (block_lse - merged).exp()
+                lse = merged
+            if step < world - 1:
+                incoming = torch.empty_like(kv)
+                ops = [dist.isend(kv, (r + 1) % world), dist.irecv(incoming, (r - 1) % world)]
+                for op in ops:
+                    op.wait()
+                sent += kv.numel() * kv.element_size()
+                kv = incoming
+    return {
+        "rank": r,
+        "peak_bytes": m.peak_bytes,
+        "largest_scores": largest,
+        "sent_bytes": sent,
+        "max_abs_diff": float((out.cpu() - reference).abs().max()),
+    }

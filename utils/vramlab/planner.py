@@ -12,7 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .estimate import activation_bytes, estimate, linear_shapes, optimizer_state_bytes, param_count, zero_bytes_per_rank
+from .estimate import (
+    activation_bytes,
+    block_backward_bytes,
+    estimate,
+    linear_shapes,
+    optimizer_state_bytes,
+    param_count,
+    zero_bytes_per_rank,
+)
 from .hardware import CONTEXT_HEADROOM, SIZE_CLASSES, fits
 from .models import get_arch
 
@@ -47,13 +55,16 @@ def zero3_bytes_per_device(
 def zero3_terms(
     model: str, devices: int, batch: int, seq: int, tensor_parallel: int = 1, optimizer: str = "adamw-8bit"
 ) -> dict[str, int]:
-    """Formula bytes per device of amp-bf16 training with checkpointing under ZeRO-3, by term:
+    """Formula bytes per device of bf16 mixed-precision training with checkpointing under
+    ZeRO-3 (FSDP2 with ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``,
+    chapter 14's policy: fp32 sharded weights, gradients and state; the forward and backward
+    run on gathered bf16 weights, so activations are those of the "bf16" recipe), by term:
 
     - ``"sharded states"``: fp32 weights and gradients and the optimizer's state, sharded over
       ``devices`` (8-bit AdamW, the default here: ~2 bytes per parameter of state and no step
       temporary, as its blockwise kernel updates one tensor at a time; "adamw": 8 bytes plus
       the foreach step's 4);
-    - ``"checkpointed inputs"``: every block's input, kept for the backward;
+    - ``"checkpointed inputs"``: every block's bf16 input, kept for the backward;
     - ``"one block's activations"``: rebuilt in backward, counted twice for their gradients;
     - ``"gathered weights"``: two blocks' bf16 weights (the current one and the prefetched
       next) plus the prefetched block's all-gather output while it is copied out;
@@ -67,15 +78,14 @@ def zero3_terms(
     every term but the sharded states is split T ways inside a group of T devices; ZeRO-3
     shards the states over all ``devices``."""
     arch = get_arch(model)
-    full = activation_bytes(arch, batch, seq, "amp-bf16")
-    kept = activation_bytes(arch, batch, seq, "amp-bf16", checkpointing=True)
+    kept = activation_bytes(arch, batch, seq, "bf16", checkpointing=True)  # bf16 weights, as the policy runs
     block = sum(o * i for o, i in linear_shapes(arch).values())  # one block's matmul parameters
     params = param_count(arch)
     state = optimizer_state_bytes(arch, optimizer, "amp-bf16") / params + (4 if optimizer == "adamw" else 0)
     return {
         "sharded states": sum(zero_bytes_per_rank(params, devices, 3, 4, 4, state).values()),
         "checkpointed inputs": kept // tensor_parallel,
-        "one block's activations": 2 * (full - kept) // arch.num_layers // tensor_parallel,
+        "one block's activations": block_backward_bytes(arch, batch, seq, "bf16") // tensor_parallel,
         "gathered weights": (2 * 2 + 2) * block // tensor_parallel,
         "gradient buffers": (2 + 4) * block // tensor_parallel,
     }

@@ -9,7 +9,7 @@ from ..models import ArchConfig, check_positions, get_arch
 from ..recipes import check_positive
 from ..results import MAX_BYTES, too_large
 from ..setups import Setup
-from .activations import activation_bytes
+from .activations import activation_bytes, block_backward_bytes
 from .params import linear_shapes, param_count
 from .peaks import Estimate, _moment
 
@@ -55,9 +55,11 @@ def qlora_estimate(
     Activations are the bf16 training activations of :func:`activation_bytes` (the adapters'
     own rank-``r`` activations are smaller than the rounding and are left out).
 
-    The total is what stays resident across a step after the first: weights, adapter
-    gradients and optimizer states, and the activations saved by the forward. The backward's
-    transient working set (one recomputed block under checkpointing) comes on top of it."""
+    Two moments of a step after the first: what stays resident (weights, adapter gradients
+    and optimizer states, the activations saved by the forward) and backward through one
+    block, which adds :func:`block_backward_bytes` (the recomputed block under checkpointing,
+    and the gradients of its tensors) and one dequantized bf16 copy of the block's largest
+    weight. The peak is the larger (backward, for any sizes)."""
     arch = get_arch(model)
     check_positive(rank=rank, batch=batch, seq=seq)
     check_positions(arch, seq)
@@ -72,15 +74,24 @@ def qlora_estimate(
     quantized = arch.num_layers * sum(o * i for o, i in layer_linears)
     frozen_bf16 = 2 * (param_count(arch) - quantized)
     adapters = lora_param_count(arch, rank)
-    parts = _moment(
+    resident = dict(
         parameters=nf4 + frozen_bf16 + 4 * adapters,
         gradients=4 * adapters,
         optimizer=8 * adapters,
         activations=activation_bytes(arch, batch, seq, "bf16", checkpointing=checkpointing),
     )
+    block = block_backward_bytes(arch, batch, seq, "bf16", checkpointing)
+    dequantized = 2 * max(o * i for o, i in layer_linears)
+    moments = {
+        "resident (weights, adapter state, saved activations)": _moment(**resident),
+        "backward through one block": _moment(
+            **{**resident, "activations": resident["activations"] + block}, other=dequantized
+        ),
+    }
+    moment = max(moments, key=lambda k: sum(moments[k].values()))
+    parts = moments[moment]
     if sum(parts.values()) >= MAX_BYTES:
         raise too_large(f"QLoRA rank {rank} on {arch.name} at batch {batch}, seq {seq}")
-    moment = "steady state (weights, adapter state, saved activations)"
     return Estimate(
         model=arch.name,
         params=param_count(arch),
@@ -88,7 +99,7 @@ def qlora_estimate(
         peak_bytes=sum(parts.values()),
         setup=Setup(batch=batch, seq=seq, recipe="bf16", optimizer="adamw", checkpointing=checkpointing),
         peak_moment=moment,
-        moments={moment: sum(parts.values())},
+        moments={k: sum(v.values()) for k, v in moments.items()},
         details=dict(method="qlora-nf4", rank=rank, double_quant=double_quant),
         arch=arch,
     )
