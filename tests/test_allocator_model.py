@@ -111,11 +111,11 @@ def test_bad_use():
 def test_fragmentation_scenarios_on_the_model():
     from vramlab import fragmentation
 
-    whole = [fragmentation.run_model("whole-granule holes", expandable=e) for e in (False, True)]
+    whole = [fragmentation.run_model("20 MiB holes", expandable=e) for e in (False, True)]
     assert [r.request_fit for r in whole] == [False, True]
     assert whole[0].reserved - whole[0].allocated == 60 * MiB  # free, in three 20 MiB holes
     assert whole[1].reserved_after == 180 * MiB < whole[1].reserved  # the holes were given back
-    inside = [fragmentation.run_model("holes inside granules", expandable=e) for e in (False, True)]
+    inside = [fragmentation.run_model("9 MiB holes", expandable=e) for e in (False, True)]
     assert [r.request_fit for r in inside] == [False, False]
     assert min(r.reserved - r.allocated for r in inside) > inside[0].request  # free, but unusable
     with pytest.raises(ValueError, match="choose one of"):
@@ -128,7 +128,7 @@ def test_real_allocator_run_needs_a_gpu_and_a_known_scenario(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(NoGPUError, match="needs a CUDA GPU"):
-        fragmentation.run_cuda("whole-granule holes")
+        fragmentation.run_cuda("20 MiB holes")
 
 
 def test_cuda_main_replays_the_steps_with_tensors():
@@ -137,7 +137,7 @@ def test_cuda_main_replays_the_steps_with_tensors():
 
     alive: list[int] = []
     live = fragmentation.replay(
-        fragmentation.SCENARIOS["whole-granule holes"].steps,
+        fragmentation.SCENARIOS["20 MiB holes"].steps,
         lambda n: alive.append(n) or torch.empty(0),
         lambda t: None,
     )

@@ -86,7 +86,7 @@ def test_gpu_records_appear_on_their_notebooks_page(tmp_path, monkeypatch):
         "torch": "2.9.1+cu128",
         "date": "2026-12-01",
         "capacity": 220200960,
-        "runs": [{"scenario": "whole-granule holes", "expandable": False, "request_fit": False, "segments": []}],
+        "runs": [{"scenario": "20 MiB holes", "expandable": False, "request_fit": False, "segments": []}],
     }
     (tmp_path / "fragmentation-h100.json").write_text(json.dumps(record))
     (tmp_path / "unlabelled.json").write_text(json.dumps({"device": "x"}))
@@ -95,7 +95,7 @@ def test_gpu_records_appear_on_their_notebooks_page(tmp_path, monkeypatch):
     assert list(records) == ["chapters/05.ipynb"]
     box = build.page(_executed_nb(), "chapters/05.ipynb", records["chapters/05.ipynb"]).cells[1].source
     assert "**GPU run** `docs/gpu-runs/fragmentation-h100.json` (device NVIDIA H100 80GB HBM3" in box
-    assert "| scenario | expandable | request_fit |" in box and "| whole-granule holes | False | False |" in box
+    assert "| scenario | expandable | request_fit |" in box and "| 20 MiB holes | False | False |" in box
     assert "- capacity: 220200960" in box and "No GPU run" not in box
 
 

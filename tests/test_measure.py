@@ -348,3 +348,42 @@ def test_cuda_context_probe_refuses_without_a_gpu_and_reads_its_childs_line(monk
     )
     with pytest.raises(RuntimeError, match="pip install nvidia-ml-py"):
         device.cuda_context_bytes()
+
+
+def test_allocator_and_workspace_probes_refuse_without_a_gpu_and_pass_their_settings(monkeypatch):
+    """The allocator-setting and cuBLAS-workspace measurements of chapters 04-05 run in child
+    processes (CUDA reads its settings once); here their plumbing, with the GPU faked."""
+    import subprocess
+
+    from vramlab import device
+
+    monkeypatch.setattr(device, "has_cuda", lambda: False)
+    with pytest.raises(device.NoGPUError, match="probing the CUDA allocator needs a CUDA GPU"):
+        device.allocator_probe([2**20])
+    with pytest.raises(device.NoGPUError, match="measuring the cuBLAS workspace needs a CUDA GPU"):
+        device.cublas_workspace_bytes()
+    for bad in ([], [0], [-5], [1.5], [True]):
+        with pytest.raises(ValueError, match="positive byte counts"):
+            device.allocator_probe(bad)
+    monkeypatch.setattr(device, "has_cuda", lambda: True)
+    seen = {}
+
+    def fake_run(cmd, **kw):
+        env = kw["env"]
+        seen.update(conf=env.get("PYTORCH_CUDA_ALLOC_CONF"), ws=env.get("CUBLAS_WORKSPACE_CONFIG"), argv=cmd[3:])
+        workspace = '{"grew": 8650752, "output": 262144}'
+        out = workspace if "@" in cmd[2] else '{"requested": 1, "allocated": 2, "reserved": 3}'
+        return subprocess.CompletedProcess(cmd, 0, stdout="noise\n" + out + "\n", stderr="")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    conf = "roundup_power2_divisions:4"
+    assert device.allocator_probe([1100 * 2**20], conf) == {"requested": 1, "allocated": 2, "reserved": 3}
+    assert seen["conf"] == conf and seen["argv"] == [str([1100 * 2**20])]
+    assert device.cublas_workspace_bytes(":16:8") == 8650752 - 262144 and seen["ws"] == ":16:8"
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    device.cublas_workspace_bytes()
+    assert seen["ws"] is None  # the default: PyTorch's own workspace size
+    failed = subprocess.CompletedProcess([], 1, "", "boom\nRuntimeError: x")
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: failed)
+    with pytest.raises(RuntimeError, match="the allocator probe failed: RuntimeError: x"):
+        device.allocator_probe([1])

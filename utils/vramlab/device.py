@@ -140,19 +140,74 @@ def cuda_context_bytes(lazy: bool = True, timeout_s: float = 120.0) -> int:
     start-up). Measured in a child process: the device's used memory by NVML before and after
     the first CUDA tensor, less what PyTorch's allocator reserved for that tensor. Needs a GPU
     and NVML (``pip install nvidia-ml-py``); other processes must not allocate meanwhile."""
+    require_cuda("measuring the CUDA context")
+    row = _probe(_CONTEXT_PROBE, {"CUDA_MODULE_LOADING": "LAZY" if lazy else "EAGER"}, [], timeout_s, "context")
+    return int(row["grew"]) - int(row["reserved"])
+
+
+def _probe(code: str, env: dict[str, str], args: list[str], timeout_s: float, what: str) -> dict[str, int]:
+    """Run ``code`` in a fresh Python process with ``env`` added to this one's environment and
+    return the JSON object of its last line (a fresh process: CUDA settings are read once, when
+    CUDA initialises)."""
     import json
     import subprocess
     import sys
 
-    require_cuda("measuring the CUDA context")
-    env = {**os.environ, "CUDA_MODULE_LOADING": "LAZY" if lazy else "EAGER"}
-    done = subprocess.run(
-        [sys.executable, "-c", _CONTEXT_PROBE], capture_output=True, text=True, env=env, timeout=timeout_s
-    )
+    command = [sys.executable, "-c", code, *args]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env}, timeout=timeout_s)
     if done.returncode:
         last = (done.stderr.strip().splitlines() or ["no error output"])[-1]
         if "pynvml" in last:
-            raise RuntimeError("measuring the CUDA context needs NVML: pip install nvidia-ml-py") from None
-        raise RuntimeError(f"the context probe failed: {last}")
-    row = json.loads(done.stdout.strip().splitlines()[-1])
-    return int(row["grew"]) - int(row["reserved"])
+            raise RuntimeError(f"measuring the CUDA {what} needs NVML: pip install nvidia-ml-py") from None
+        raise RuntimeError(f"the {what} probe failed: {last}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+_ALLOCATION_PROBE = """
+import json, sys
+import torch
+kept = [torch.empty(n, dtype=torch.uint8, device="cuda") for n in json.loads(sys.argv[1])]
+torch.cuda.synchronize()
+s = torch.cuda.memory_stats()
+print(json.dumps({"requested": s["requested_bytes.all.current"], "allocated": s["allocated_bytes.all.current"],
+                  "reserved": s["reserved_bytes.all.current"]}))
+"""
+
+
+def allocator_probe(sizes: list[int], alloc_conf: str = "", timeout_s: float = 120.0) -> dict[str, int]:
+    """Allocate one tensor of each of ``sizes`` bytes in a fresh process whose
+    ``PYTORCH_CUDA_ALLOC_CONF`` is ``alloc_conf`` (the allocator reads it once, when CUDA
+    initialises, so each setting needs its own process). Returns the allocator's bytes with all
+    of them alive: ``requested`` (what the tensors asked for), ``allocated`` (the blocks given
+    to them, after rounding) and ``reserved`` (the segments obtained from CUDA). Needs a GPU."""
+    if not sizes or any(isinstance(n, bool) or not isinstance(n, int) or n <= 0 for n in sizes):
+        raise ValueError(f"sizes must be a non-empty list of positive byte counts, got {sizes!r}")
+    require_cuda("probing the CUDA allocator")
+    import json
+
+    env = {"PYTORCH_CUDA_ALLOC_CONF": alloc_conf}
+    return _probe(_ALLOCATION_PROBE, env, [json.dumps(sizes)], timeout_s, "allocator")
+
+
+_WORKSPACE_PROBE = """
+import json
+import torch
+a, b = torch.ones(256, 256, device="cuda"), torch.ones(256, 256, device="cuda")
+torch.cuda.synchronize()
+before = torch.cuda.memory_allocated()
+c = a @ b
+torch.cuda.synchronize()
+print(json.dumps({"grew": torch.cuda.memory_allocated() - before, "output": c.untyped_storage().nbytes()}))
+"""
+
+
+def cublas_workspace_bytes(workspace_config: str | None = None, timeout_s: float = 120.0) -> int:
+    """Bytes a fresh process's first matrix product leaves allocated beyond its output: the
+    cuBLAS workspace, which PyTorch's allocator provides (so ``memory_allocated`` and
+    ``reserved`` count it, unlike the context) and keeps for the process's lifetime.
+    ``workspace_config`` sets ``CUBLAS_WORKSPACE_CONFIG`` (``":SIZE_KiB:COUNT"`` pairs, e.g.
+    ``":16:8"``); None keeps PyTorch's default. Needs a GPU."""
+    require_cuda("measuring the cuBLAS workspace")
+    env = {} if workspace_config is None else {"CUBLAS_WORKSPACE_CONFIG": workspace_config}
+    row = _probe(_WORKSPACE_PROBE, env, [], timeout_s, "workspace")
+    return int(row["grew"]) - int(row["output"])

@@ -3,12 +3,12 @@
 Two scenarios, each a list of steps in a device capped at ``CAPACITY`` bytes, then one
 last request (see :data:`SCENARIOS`):
 
-- ``"whole-granule holes"``: a 120 MiB tensor is freed and its cached segment is carved
+- ``"20 MiB holes"``: a 120 MiB tensor is freed and its cached segment is carved
   into six 20 MiB tensors; every other one is freed, an 80 MiB tensor fills the rest, then
   40 MiB is requested. 60 MiB is free, in three 20 MiB holes. The default allocator cannot
   use them (no hole is big enough, and their segment still holds live blocks); expandable
   segments unmap the three holes (each a whole 20 MiB granule) and map 40 MiB at the end.
-- ``"holes inside granules"``: ten pairs of 9 MiB tensors, the first of each freed, then
+- ``"9 MiB holes"``: ten pairs of 9 MiB tensors, the first of each freed, then
   40 MiB requested. 90 MiB is free, but every hole shares a granule with a live tensor, so
   expandable segments cannot give any of it back either: both settings run out of memory.
 
@@ -55,14 +55,14 @@ def _pairs(n: int, size: int) -> tuple[Step, ...]:
 
 
 SCENARIOS: dict[str, Scenario] = {
-    "whole-granule holes": Scenario(
+    "20 MiB holes": Scenario(
         (("alloc", "big", 120 * MiB), ("free", "big", 0))
         + tuple(("alloc", f"p{i}", 20 * MiB) for i in range(6))
         + tuple(("free", f"p{i}", 0) for i in (0, 2, 4))
         + (("alloc", "filler", 80 * MiB),),
         40 * MiB,
     ),
-    "holes inside granules": Scenario(_pairs(10, 9 * MiB), 40 * MiB),
+    "9 MiB holes": Scenario(_pairs(10, 9 * MiB), 40 * MiB),
 }
 
 
@@ -180,7 +180,7 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description="Run a fragmentation scenario on this process's GPU.")
-    parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="whole-granule holes")
+    parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="20 MiB holes")
     parser.add_argument("--expandable", action="store_true")
     parser.add_argument("--capacity", type=int, default=CAPACITY)
     parser.add_argument("--record", metavar="PATH", help="run every scenario, both settings; write to PATH")
