@@ -189,3 +189,53 @@ def test_survivors_measure_the_leak():
     cfg = lab02.CONFIG
     assert (nbytes, count, phase) == (lab02.BATCH * (cfg.seq_len - 1) * cfg.vocab_size * 4, 4, "forward")
     assert lab02.survivors(make_loop(), iterations=4) == []
+
+
+def test_a_leak_is_seen_however_the_loop_walks_the_batches():
+    """Review (labs) B5b: `batches = list(batches)` first had blinded the leak check (memory was
+    read when the loop asked for the next batch); it is now read after each optimizer step."""
+    leaky = make_loop(keep="tensor")
+
+    def listed_first(model, opt, batches):
+        return leaky(model, opt, list(batches))
+
+    with pytest.raises(CheckFailed, match="leaks per iteration"):
+        lab02.check_train(listed_first)
+
+
+def test_an_honest_loop_that_indexes_the_batches_passes():
+    """Review (labs), confusing messages 3: `batches[i]` crashed with '_Recorder' object is not subscriptable."""
+    loop = make_loop()
+
+    def indexed(model, opt, batches):
+        return loop(model, opt, [batches[i] for i in range(len(batches))])
+
+    assert lab02.check_train(indexed).passed
+
+
+def test_a_precision_error_is_named_as_precision_and_the_check_runs_on_one_thread():
+    """Review (labs), confusing messages 1: a bf16-autocast loop (B7) was told to divide
+    micro-batch losses. And the check runs on one torch thread, restored afterwards (under load
+    two threads per process made the lab checks ten times slower)."""
+    import torch
+
+    threads = []
+    inner = make_loop()  # micro-batched and divided, as it should be: only the precision is wrong
+
+    def autocast_micro_batches(model, opt, batches):
+        threads.append(torch.get_num_threads())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return inner(model, opt, batches)
+
+    before = torch.get_num_threads()
+    with pytest.raises(CheckFailed) as failed:
+        lab02.check_train(make_loop(divide=False))
+    assert "divided by k" in str(failed.value) and "precision" not in str(failed.value)
+    result = lab02.gradient_hint(0.0078, lab02.GRAD_RTOL, lab02.BATCH)
+    assert "precision" in result and "0.0001" in result
+    lab02._grads_of(autocast_micro_batches)  # the check's gradient probe, called directly: not inside a check
+    assert threads == [before]
+    threads.clear()
+    with pytest.raises(CheckFailed, match="usually comes from precision"):
+        lab02.check_train(autocast_micro_batches)
+    assert set(threads) == {1} and torch.get_num_threads() == before

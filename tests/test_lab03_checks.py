@@ -154,3 +154,13 @@ def test_mixed_precision_is_allowed():
         return total
 
     assert lab03.check_fit(checkpointed, bf16_step).passed
+
+
+def test_gradient_messages_name_precision_when_the_error_is_small():
+    """Review (labs), confusing messages 2: pure-bf16 weights (12.8 % off) were told to divide
+    micro-batch losses; an error under 20 % now names precision, a larger one the batch."""
+    from vramlab.checks import lab03
+
+    small, large = (lab03.gradient_hint(e, lab03.GRAD_RTOL, lab03.BATCH) for e in (0.128, 0.75))
+    assert "precision" in small and "0.05" in small and "divided by k" not in small
+    assert "divided by k" in large and "precision" not in large and "stays 16" in large

@@ -102,15 +102,21 @@ def _no_new_threads_or_processes() -> Iterator[None]:
 
 class StepCounter:
     """Counts an optimizer's ``step()`` calls with the optimizer's own post-step hook, so a
-    check sees the steps a learner's code really took (``with StepCounter(opt) as steps:``)."""
+    check sees the steps a learner's code really took (``with StepCounter(opt) as steps:``).
+    ``reading``, if given, is called after each step and its values kept in ``readings``
+    (a check's own clock of iterations: it does not depend on how the loop iterates)."""
 
-    def __init__(self, opt: torch.optim.Optimizer) -> None:
+    def __init__(self, opt: torch.optim.Optimizer, reading: Callable[[], int] | None = None) -> None:
         self.count = 0
+        self.readings: list[int] = []
         self._opt = opt
+        self._reading = reading
         self._handle: Any = None
 
     def _hook(self, *_: object) -> None:
         self.count += 1
+        if self._reading is not None:
+            self.readings.append(self._reading())
 
     def __enter__(self) -> StepCounter:
         self._handle = self._opt.register_step_post_hook(self._hook)
@@ -118,6 +124,36 @@ class StepCounter:
 
     def __exit__(self, *exc: object) -> None:
         self._handle.remove()
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run a check (and the learner's code it calls) on one torch thread, then restore the count:
+    on a shared 2-core machine two OpenMP threads per process oversubscribe the cores and made a
+    lab check ten times slower. Results are unchanged up to float rounding, far inside every
+    tolerance, and the check's references are computed inside the same block."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def gradient_hint(worst: float, tolerance: float, batch: int) -> str:
+    """The message for gradients off the full-batch ones by ``worst`` (relative): a small error
+    is precision (autocast, 16-bit weights), a large one the effective batch."""
+    text = f"your first step's gradients differ from the full-batch gradients by up to {worst:.2%}. "
+    if math.isfinite(worst) and worst < 0.2:  # a wrong effective batch is off by 25 % or more
+        return text + (
+            "Hint: an error this size usually comes from precision, not from the batch: autocast or 16-bit "
+            f"weights round the gradients, and this check allows a relative error of {tolerance:g}. Use a "
+            "precision the lab allows, or, if you split the batch, divide each micro-batch loss by their number."
+        )
+    return text + (
+        f"Hint: with k micro-batches, each micro-batch loss must be divided by k, and every sequence of the "
+        f"batch must be used (the effective batch stays {batch})."
+    )
 
 
 MEASURED_HINT = (

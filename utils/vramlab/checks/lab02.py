@@ -5,15 +5,17 @@ inside the lab's budget, (2) hold the same memory after iteration 20 as after it
 (3) produce the gradients of the original full-batch loop (same effective batch), and
 (4) train as the original does: one AdamW step per batch (the check counts them with the
 optimizer's own step hook), weights after 20 steps equal to a correct loop's, and a history of each
-iteration's loss, which the check recomputes. Memory "after iteration i" is read when the
-loop asks for batch i + 1, so the learner's code needs no instrumentation.
+iteration's loss, which the check recomputes. Memory "after iteration i" is read by the same
+hook after the i-th optimizer step, so it does not depend on how the loop walks the batches
+(a list, indexing, ``list(batches)`` first), and the learner's code needs no instrumentation.
+The check runs on one torch thread (:func:`vramlab.checks.one_thread`).
 """
 
 from __future__ import annotations
 
 import functools
 import gc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +27,17 @@ from ..gpt import GPTConfig, TinyGPT, random_batch
 from ..measure import measure
 from ..oom import headline
 from ..units import MiB, format_bytes
-from . import FAILED, NOT_ATTEMPTED, PASSED, CheckResult, StepCounter, as_number, give_verdict
+from . import (
+    FAILED,
+    NOT_ATTEMPTED,
+    PASSED,
+    CheckResult,
+    StepCounter,
+    as_number,
+    give_verdict,
+    gradient_hint,
+    one_thread,
+)
 
 CONFIG = GPTConfig(vocab_size=512, seq_len=65, hidden=64, layers=2, heads=2)
 BATCH = 32
@@ -58,23 +70,6 @@ def train_original(model: TinyGPT, opt: torch.optim.Optimizer, batches) -> list:
     return history
 
 
-class _Recorder:
-    """Iterates over batches and records live bytes each time the next batch is asked for."""
-
-    def __init__(self, batches: list[torch.Tensor], live: Callable[[], int]) -> None:
-        self.batches, self.live, self.after = batches, live, []
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        for i, ids in enumerate(self.batches):
-            if i:
-                self.after.append(self.live())
-            yield ids
-        self.after.append(self.live())
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
 def reference_grads(seed: int = 0) -> list[torch.Tensor]:
     """Gradients of the original loop's first step (the full batch, no budget)."""
     model, _, batches = make_setup(seed)
@@ -93,7 +88,7 @@ def _grads_of(train: Callable, seed: int = 0) -> list[torch.Tensor | None]:
 class _Run:
     """One run of a learner's loop under the budget."""
 
-    after: list[int] = field(default_factory=list)  # live bytes after each iteration
+    after: list[int] = field(default_factory=list)  # live bytes after each optimizer step
     error: str = ""  # the OOM message, if it ran out
     model: TinyGPT | None = None
     opt: torch.optim.Optimizer | None = None
@@ -106,13 +101,12 @@ def _run(train: Callable, seed: int = 0) -> _Run:
     run = _Run(model=model, opt=opt)
     gc.collect()
     with measure(model, opt, batches) as watch:
-        recorder = _Recorder(batches, watch.current_bytes)
         try:
-            with StepCounter(opt) as steps, budget(LIMIT, model, opt, batches):
-                run.history = train(model, opt, recorder)
+            with StepCounter(opt, watch.current_bytes) as steps, budget(LIMIT, model, opt, batches):
+                run.history = train(model, opt, list(batches))  # a list of its own: index it or iterate
         except torch.OutOfMemoryError as err:
             run.error = str(err)
-    run.after, run.steps = recorder.after, steps.count
+    run.after, run.steps = steps.readings, steps.count
     return run
 
 
@@ -137,14 +131,21 @@ def _reference(seed: int = 0) -> tuple[tuple[float, ...], tuple[torch.Tensor, ..
     return tuple(losses), start, tuple(p.detach().clone() for p in model.parameters())
 
 
+def _steps_problem(steps: int) -> str:
+    """Why the number of optimizer steps is wrong, or "" if it is one per batch."""
+    if steps == ITERATIONS:
+        return ""
+    taken = "no optimizer step" if steps == 0 else f"{steps} optimizer steps"
+    return (
+        f"your loop made {taken}; one `opt.step()` per batch of {BATCH} makes {ITERATIONS}. "
+        "Hint: step once after all the micro-batches of a batch, not after each one."
+    )
+
+
 def _training_problem(run: _Run, seed: int = 0) -> str:
     """Why the run did not train as the original loop does, or "" if it did."""
     if run.steps != ITERATIONS:
-        taken = "no optimizer step" if run.steps == 0 else f"{run.steps} optimizer steps"
-        return (
-            f"your loop made {taken}; one `opt.step()` per batch of {BATCH} makes {ITERATIONS}. "
-            "Hint: step once after all the micro-batches of a batch, not after each one."
-        )
+        return _steps_problem(run.steps)
     losses, start, final = _reference(seed)
     params = list(run.model.parameters())
     moved = [((p.detach() - w).norm() / (w - w0).norm()).item() for p, w, w0 in zip(params, final, start)]
@@ -179,6 +180,11 @@ def _describe(history: Any) -> str:
 
 def check_train(train: Callable) -> CheckResult:
     """The four requirements of Lab 2, in order."""
+    with one_thread():
+        return _check_train(train)
+
+
+def _check_train(train: Callable) -> CheckResult:
     name = "fixed training loop"
     try:
         run = _run(train)
@@ -201,16 +207,14 @@ def check_train(train: Callable) -> CheckResult:
             "if it fails later, something is kept across iterations.",
         )
     if len(after) != ITERATIONS:
-        return give_verdict(
-            name, FAILED, f"the loop ran {len(after)} iterations; it must consume all {ITERATIONS} batches"
-        )
+        return give_verdict(name, FAILED, _steps_problem(len(after)))
     if after[-1] != after[1]:
         return give_verdict(
             name,
             FAILED,
-            f"memory after iteration {ITERATIONS} is {format_bytes(after[-1])} but "
-            f"{format_bytes(after[1])} after iteration 2: {format_bytes((after[-1] - after[1]) / (ITERATIONS - 2))} "
-            "leaks per iteration. Hint: keep Python numbers (loss.item()), not tensors, in the history.",
+            f"memory after step {ITERATIONS} is {format_bytes(after[-1])} but "
+            f"{format_bytes(after[1])} after step 2: {format_bytes((after[-1] - after[1]) / (ITERATIONS - 2))} "
+            "leaks per iteration. Hint: keep Python numbers (loss.item()), not tensors, across iterations.",
         )
     got, want = _grads_of(train), reference_grads()
     if any(g is None for g in got):
@@ -223,13 +227,7 @@ def check_train(train: Callable) -> CheckResult:
     errors = [((g - w).norm() / w.norm()).item() for g, w in zip(got, want)]
     worst = max(errors)
     if not all(e <= GRAD_RTOL for e in errors):  # `not <=` also catches NaN, which max() can hide
-        return give_verdict(
-            name,
-            FAILED,
-            f"your first step's gradients differ from the full-batch gradients by up to {worst:.2%}. "
-            "Hint: with k micro-batches, each micro-batch loss must be divided by k, and every sequence of the "
-            "batch must be used (the effective batch stays 32).",
-        )
+        return give_verdict(name, FAILED, gradient_hint(worst, GRAD_RTOL, BATCH))
     problem = _training_problem(run)
     if problem:
         return give_verdict(name, FAILED, problem)
@@ -270,11 +268,10 @@ def profile(train: Callable, iterations: int = 5, seed: int = 0) -> tuple[list[i
     """Without a budget: live bytes after each of ``iterations`` iterations, and the first step's peak."""
     model, opt, batches = make_setup(seed)
     gc.collect()
-    with measure(model, opt, batches) as watch:
-        recorder = _Recorder(batches[:iterations], watch.current_bytes)
-        train(model, opt, recorder)
+    with measure(model, opt, batches) as watch, StepCounter(opt, watch.current_bytes) as steps:
+        train(model, opt, batches[:iterations])
         del model, opt
     model, opt, batches = make_setup(seed)
     with measure(model, opt, batches[:1]) as first:
         train(model, opt, batches[:1])
-    return recorder.after, first.peak_bytes
+    return steps.readings, first.peak_bytes
