@@ -31,6 +31,8 @@ def test_the_dtype_rule_gives_softmax_and_sum_an_fp32_output_unless_the_call_nam
             torch.float32
         }
         assert F.softmax(x, -1, dtype=torch.bfloat16).dtype == torch.bfloat16  # the caller's dtype wins
+        assert torch.softmax(x, -1, torch.bfloat16).dtype == torch.bfloat16  # ... also by position
+        assert x.log_softmax(-1, torch.bfloat16).dtype == torch.bfloat16
         assert torch.arange(4).sum().dtype == torch.int64  # not a floating tensor: untouched
         assert torch.ones(2, dtype=torch.float16).exp().dtype == torch.float32  # fp16 too, not only bf16
 

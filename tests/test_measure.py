@@ -380,9 +380,9 @@ def test_allocator_and_workspace_probes_refuse_without_a_gpu_and_pass_their_sett
     assert device.allocator_probe([1100 * 2**20], conf) == {"requested": 1, "allocated": 2, "reserved": 3}
     assert seen["conf"] == conf and seen["argv"] == [str([1100 * 2**20])]
     assert device.cublas_workspace_bytes(":16:8") == 8650752 - 262144 and seen["ws"] == ":16:8"
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # inherited from this process ...
     device.cublas_workspace_bytes()
-    assert seen["ws"] is None  # the default: PyTorch's own workspace size
+    assert seen["ws"] is None  # ... and removed: the default is PyTorch's own workspace size
     failed = subprocess.CompletedProcess([], 1, "", "boom\nRuntimeError: x")
     monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: failed)
     with pytest.raises(RuntimeError, match="the allocator probe failed: RuntimeError: x"):

@@ -14,8 +14,13 @@ run saves fewer bytes than the GPU will.
 :data:`CUDA_FP32_DTYPE_OPS` (``softmax``, ``log_softmax``, ``sum``, ``cumsum``, ``prod``, ...) get
 ``dtype=torch.float32`` when the caller gives none: no copy of the input, a float32 output.
 The dry runs of :mod:`vramlab.dryrun` run under it, so they count what a GPU saves.
-The rule acts on calls from Python (``torch.pow``, ``F.layer_norm``); an op that C++ code calls
-inside another op is not seen, as on CUDA, where autocast also acts only on the outermost op.
+
+Two limits. The lists hold the part of CUDA's that transformer language models call from Python
+(not ``norm``, ``logsumexp``, ``cosine_similarity``, ``dist``, ``renorm`` or ``upsample_*``). And the
+rule acts on the outermost call only: an op called inside another function (``F.normalize``
+calling ``norm``, ``cross_entropy`` calling ``log_softmax`` in C++) is not cast, where CUDA
+autocast, which stays on inside ops it does not list, would cast it. Neither changes GPT-2 or
+Llama-family models, whose losses upcast the logits to fp32 themselves.
 """
 
 from __future__ import annotations
@@ -49,6 +54,10 @@ CUDA_FP32_DTYPE_OPS: frozenset[Callable[..., Any]] = frozenset(
 (``AT_FORALL_FP32_SET_OPT_DTYPE``): the output is float32, the input is not copied."""
 
 _LOW = (torch.float16, torch.bfloat16)
+_DTYPE_POSITION = {F.softmax: 3, F.log_softmax: 3, torch.softmax: 2, torch.log_softmax: 2}
+_DTYPE_POSITION |= {torch.Tensor.softmax: 2, torch.Tensor.log_softmax: 2}
+"""How many positional arguments come before ``dtype`` (self included for methods): a call with
+more names its dtype by position, and the rule leaves it alone."""
 
 
 def _to_fp32(value: Any) -> Any:
@@ -72,7 +81,7 @@ class _CudaFp32Rule(TorchFunctionMode):
             if func in CUDA_FP32_OPS:
                 args, kwargs = _to_fp32(args), {k: _to_fp32(v) for k, v in kwargs.items()}
             elif func in CUDA_FP32_DTYPE_OPS and kwargs.get("dtype") is None and _eligible(args):
-                if not (func in (F.softmax, F.log_softmax) and len(args) > 3):  # dtype given by position
+                if len(args) <= _DTYPE_POSITION.get(func, len(args)):  # no dtype given by position
                     kwargs = {**kwargs, "dtype": torch.float32}
         return func(*args, **kwargs)
 

@@ -145,16 +145,17 @@ def cuda_context_bytes(lazy: bool = True, timeout_s: float = 120.0) -> int:
     return int(row["grew"]) - int(row["reserved"])
 
 
-def _probe(code: str, env: dict[str, str], args: list[str], timeout_s: float, what: str) -> dict[str, int]:
-    """Run ``code`` in a fresh Python process with ``env`` added to this one's environment and
-    return the JSON object of its last line (a fresh process: CUDA settings are read once, when
-    CUDA initialises)."""
+def _probe(code: str, env: dict[str, str | None], args: list[str], timeout_s: float, what: str) -> dict[str, int]:
+    """Run ``code`` in a fresh Python process with this one's environment changed by ``env``
+    (a None value removes the variable) and return the JSON object of its last line (a fresh
+    process: CUDA settings are read once, when CUDA initialises)."""
     import json
     import subprocess
     import sys
 
     command = [sys.executable, "-c", code, *args]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env}, timeout=timeout_s)
+    child = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
+    done = subprocess.run(command, capture_output=True, text=True, env=child, timeout=timeout_s)
     if done.returncode:
         last = (done.stderr.strip().splitlines() or ["no error output"])[-1]
         if "pynvml" in last:
@@ -177,7 +178,8 @@ print(json.dumps({"requested": s["requested_bytes.all.current"], "allocated": s[
 def allocator_probe(sizes: list[int], alloc_conf: str = "", timeout_s: float = 120.0) -> dict[str, int]:
     """Allocate one tensor of each of ``sizes`` bytes in a fresh process whose
     ``PYTORCH_CUDA_ALLOC_CONF`` is ``alloc_conf`` (the allocator reads it once, when CUDA
-    initialises, so each setting needs its own process). Returns the allocator's bytes with all
+    initialises, so each setting needs its own process; ``PYTORCH_ALLOC_CONF``, the newer name,
+    is set to the same). Returns the allocator's bytes with all
     of them alive: ``requested`` (what the tensors asked for), ``allocated`` (the blocks given
     to them, after rounding) and ``reserved`` (the segments obtained from CUDA). Needs a GPU."""
     if not sizes or any(isinstance(n, bool) or not isinstance(n, int) or n <= 0 for n in sizes):
@@ -185,7 +187,7 @@ def allocator_probe(sizes: list[int], alloc_conf: str = "", timeout_s: float = 1
     require_cuda("probing the CUDA allocator")
     import json
 
-    env = {"PYTORCH_CUDA_ALLOC_CONF": alloc_conf}
+    env: dict[str, str | None] = {"PYTORCH_CUDA_ALLOC_CONF": alloc_conf, "PYTORCH_ALLOC_CONF": alloc_conf}
     return _probe(_ALLOCATION_PROBE, env, [json.dumps(sizes)], timeout_s, "allocator")
 
 
@@ -206,8 +208,8 @@ def cublas_workspace_bytes(workspace_config: str | None = None, timeout_s: float
     cuBLAS workspace, which PyTorch's allocator provides (so ``memory_allocated`` and
     ``reserved`` count it, unlike the context) and keeps for the process's lifetime.
     ``workspace_config`` sets ``CUBLAS_WORKSPACE_CONFIG`` (``":SIZE_KiB:COUNT"`` pairs, e.g.
-    ``":16:8"``); None keeps PyTorch's default. Needs a GPU."""
+    ``":16:8"``); None unsets it, for PyTorch's default. Needs a GPU."""
     require_cuda("measuring the cuBLAS workspace")
-    env = {} if workspace_config is None else {"CUBLAS_WORKSPACE_CONFIG": workspace_config}
+    env: dict[str, str | None] = {"CUBLAS_WORKSPACE_CONFIG": workspace_config}  # None: PyTorch's default
     row = _probe(_WORKSPACE_PROBE, env, [], timeout_s, "workspace")
     return int(row["grew"]) - int(row["output"])

@@ -633,8 +633,8 @@ def ring_attention(rank: Rank, seq: int, heads: int, head_dim: int, seed: int = 
                 lse = merged
             if step < world - 1:
                 incoming = torch.empty_like(kv)
-                ops = [dist.isend(kv, (r + 1) % world), dist.irecv(incoming, (r - 1) % world)]
-                for op in ops:
+                pair = [dist.P2POp(dist.isend, kv, (r + 1) % world), dist.P2POp(dist.irecv, incoming, (r - 1) % world)]
+                for op in dist.batch_isend_irecv(pair):  # grouped: NCCL may block a lone send until its recv is posted
                     op.wait()
                 sent += kv.numel() * kv.element_size()
                 kv = incoming

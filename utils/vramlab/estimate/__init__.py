@@ -60,7 +60,6 @@ __all__ = [
     "ZERO_STAGES",
     "activation_bytes",
     "block_backward_bytes",
-    "block_backward_bytes",
     "checkpoint_input_bytes",
     "estimate",
     "head_terms",

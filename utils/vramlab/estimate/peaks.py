@@ -318,4 +318,7 @@ def _inference_moments(
         copy = 2 * h * i  # the 16-bit copy of one MLP weight, made for one matmul
         into_mlp = (base + c * h + (2 if arch.gated_mlp else 1) * c * i) * tokens + per_position
         moments["MLP projection under autocast"] = _moment(weights, activations=into_mlp, other=kv + copy)
+        if arch.family == "gpt2":  # c_proj: gelu_new's fp32 product (CUDA's rule), its 16-bit copy and the output
+            into_proj = (base + (4 + c) * i + c * h) * tokens + per_position
+            moments["c_proj under autocast"] = _moment(weights, activations=into_proj, other=kv + copy)
     return moments
