@@ -17,6 +17,13 @@ def functions(nb):
     return defined_in(nb, "def predict_", "lab01", "from vramlab.gpt import GPTConfig")
 
 
+@pytest.fixture(autouse=True)
+def fixed_seed(monkeypatch):
+    """The checks draw their configurations at random per run; the tests pin one seed, and
+    test_the_solution_passes_whatever_the_seed tries several."""
+    monkeypatch.setattr(lab01, "new_seed", lambda: 0)
+
+
 @pytest.fixture(scope="module")
 def right():
     return functions(load(SOLUTION))
@@ -171,3 +178,70 @@ def test_numpy_answers_count_and_fractional_bytes_are_shown(right):
         lab01.check_param_bytes(lambda c: P(c) + 0.4)
     with pytest.raises(CheckFailed, match="expected a number of bytes, got None"):
         lab01.check_param_bytes(lambda c: None)
+
+
+def test_answers_that_are_subclasses_are_refused_before_their_code_runs(right):
+    """Review (labs) A4, A5, A11: a float subclass whose __float__ measures (after the budget) or
+    reads the check's expected value from its frame, and a bool tensor subclass whose item()
+    runs the budget run, had passed. Answers are now matched by exact type, and a refused
+    answer's own code (its __float__, item() or __repr__) never runs."""
+    import sys
+
+    import torch
+
+    ran = []
+
+    class Lazy(float):
+        def __float__(self):
+            ran.append("__float__")
+            return float(right["predict_param_bytes"](self.cfg))
+
+        def __repr__(self):
+            ran.append("__repr__")
+            return "0"
+
+    def lazy(cfg):
+        answer = Lazy(0.0)
+        answer.cfg = cfg
+        return answer
+
+    class Peek(float):
+        def __float__(self):
+            frame = sys._getframe(1)
+            while "want" not in frame.f_locals:
+                frame = frame.f_back
+            return float(frame.f_locals["want"])
+
+    class Yes(torch.Tensor):
+        def item(self):
+            ran.append("item")
+            return True
+
+    with pytest.raises(CheckFailed, match="a Lazy \\(a subclass of float: answer with a plain float instead\\)"):
+        lab01.check_param_bytes(lazy)
+    with pytest.raises(CheckFailed, match="a Peek"):
+        lab01.check_param_bytes(lambda c: Peek(0.0))
+    yes = torch.tensor(True).as_subclass(Yes)  # made before the check: returning it allocates nothing
+    with pytest.raises(CheckFailed, match="a Yes \\(a subclass of Tensor"):
+        lab01.check_fits(lambda c, b, budget: yes)
+    assert ran == []
+    from vramlab.checks import plain
+
+    assert plain(torch.tensor(3)) == 3 and type(plain(torch.tensor(2.5))) is float and plain(True) is True
+    assert plain(torch.ones(2)) is None and plain(torch.tensor(1j)) is None and plain("3") is None
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_solution_passes_whatever_the_seed(right, seed, monkeypatch):
+    """Review (labs) A6: the judged configurations were public module constants (a table
+    measured in an earlier cell passed). They are drawn per run now, and the learner's function
+    gets a LabConfig without the library's `params` count (A0)."""
+    monkeypatch.setattr(lab01, "new_seed", lambda: seed)
+    for check, fn in CHECKS:
+        assert getattr(lab01, check)(right[fn]).passed
+    configs = lab01.draw_configs(seed)
+    assert sorted(c.layers for c in configs) == [1, 2, 3] and {c.mlp_ratio for c in configs} == {2, 4}
+    assert lab01.draw_configs(seed) == configs != lab01.draw_configs(seed + 100)
+    assert not hasattr(configs[0], "params")
+    with pytest.raises(AttributeError, match="'LabConfig' object has no attribute 'params'"):
+        lab01.check_param_bytes(lambda c: 4 * c.params)  # no tick from the library's own count

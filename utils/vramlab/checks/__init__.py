@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import math
 import multiprocessing.process
-import numbers
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -163,24 +162,54 @@ MEASURED_HINT = (
 )
 
 
+_PLAIN = (int, float, bool)
+
+
+def plain(value: Any) -> int | float | bool | None:
+    """An answer as a plain Python ``int``, ``float`` or ``bool``, or None when it is not one of
+    those, a NumPy scalar, or a one-element ``torch.Tensor``. Types are matched exactly, not by
+    ``isinstance``: a subclass could run code when it is converted (a ``__float__`` that measures,
+    or reads the check's expected value), so it is refused before any of its methods run."""
+    kind = type(value)
+    if kind in _PLAIN:
+        return value  # type: ignore[no-any-return]
+    if kind.__module__ == "numpy" and isinstance(value, (np.integer, np.floating, np.bool_)):
+        return value.item()  # type: ignore[no-any-return]
+    if kind is torch.Tensor and value.numel() == 1 and not value.is_complex():
+        return value.item()  # type: ignore[no-any-return]
+    return None
+
+
+def describe(value: Any) -> str:
+    """A wrong answer, shown without running any of its own code: the repr of a plain value,
+    else its type's name (a subclass's ``__repr__`` is the learner's code too)."""
+    got = plain(value)
+    if got is not None or value is None:
+        return repr(got)
+    kind = type(value)
+    if kind is str:
+        return repr(value if len(value) <= 40 else value[:40] + "...")
+    subclass = next((base.__name__ for base in (*_PLAIN, torch.Tensor) if issubclass(kind, base)), None)
+    if subclass:
+        return f"a {kind.__name__} (a subclass of {subclass}: answer with a plain {subclass} instead)"
+    return f"a {kind.__name__}"
+
+
 def as_number(value: Any) -> float | None:
-    """``value`` as a float if it is a finite real number (Python, NumPy, or a one-element
-    integer/float tensor), else None. Booleans are not numbers here."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype == torch.bool:
-        value = value.item()
-    if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Real):
+    """``value`` as a float if it is a finite real number (a plain Python or NumPy number, or a
+    one-element integer/float tensor: see :func:`plain`), else None. Booleans are not numbers here."""
+    value = plain(value)
+    if value is None or isinstance(value, bool):
         return None
     number = float(value)
     return number if math.isfinite(number) else None
 
 
 def as_bool(value: Any) -> bool | None:
-    """``value`` as a bool if it is one (Python, NumPy or a one-element bool tensor), else None."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype == torch.bool:
-        return bool(value.item())
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    return None
+    """``value`` as a bool if it is one (a plain Python or NumPy bool, or a one-element bool
+    tensor: see :func:`plain`), else None."""
+    value = plain(value)
+    return value if isinstance(value, bool) else None
 
 
 def give_verdict(name: str, status: str, message: str = "") -> CheckResult:
@@ -209,7 +238,7 @@ def judge_bytes(
     only on failure, for a diagnosis of which part is off."""
     number = as_number(got)
     if number is None:
-        return give_verdict(name, FAILED, f"expected a number of bytes, got {got!r}. Hint: {hint}")
+        return give_verdict(name, FAILED, f"expected a number of bytes, got {describe(got)}. Hint: {hint}")
     err = relative_gap(number, float(want))
     if err > rel_tol:
         where = explain() if explain else ""

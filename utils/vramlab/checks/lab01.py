@@ -2,15 +2,22 @@
 
 Each check runs real TinyGPT training steps on the CPU, measured by the storage tracker (the
 bytes ``torch.cuda.memory_allocated`` would count), on configurations the lab never shows,
-and compares them with the learner's prediction. When a prediction is off, the check varies
-one knob at a time (depth, vocabulary, batch) to say which part of the count is wrong.
+and compares them with the learner's prediction. The configurations are drawn at random for
+each run of a check (:func:`draw_configs`; the seed is shown with the verdict), so a table of
+answers measured in an earlier cell does not match them, and the learner's function gets a
+:class:`LabConfig`: the same fields as :class:`~vramlab.gpt.GPTConfig` without its ``params``
+property, so "predict the parameter bytes" cannot be answered by the library's own count.
+When a prediction is off, the check varies one knob at a time (depth, vocabulary, batch) to
+say which part of the count is wrong.
 """
 
 from __future__ import annotations
 
 import gc
+import random
+import secrets
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -26,16 +33,51 @@ from . import (
     CheckResult,
     Measured,
     as_bool,
+    describe,
     give_verdict,
     judge_bytes,
     predict,
 )
 
-CONFIGS = (  # hidden from the lab's text: answers cannot be tuned to them
-    GPTConfig(vocab_size=300, seq_len=49, hidden=96, layers=3, heads=4),
-    GPTConfig(vocab_size=1000, seq_len=33, hidden=64, layers=2, heads=2),
-    GPTConfig(vocab_size=128, seq_len=65, hidden=128, layers=1, heads=8, mlp_ratio=2),
-)
+
+@dataclass(frozen=True)
+class LabConfig:
+    """What a prediction is given: TinyGPT's configuration fields, and no parameter count."""
+
+    vocab_size: int
+    seq_len: int
+    hidden: int
+    layers: int
+    heads: int
+    mlp_ratio: int = 4
+    attention: str = "sdpa"
+
+
+def _model_config(cfg: LabConfig | GPTConfig) -> GPTConfig:
+    return cfg if isinstance(cfg, GPTConfig) else GPTConfig(**asdict(cfg))
+
+
+def draw_configs(seed: int) -> tuple[LabConfig, LabConfig, LabConfig]:
+    """Three small TinyGPT configurations drawn from ``seed``: vocabularies of 100 to 1100
+    tokens, 17 to 80 positions, 2, 4 or 8 heads of 8 to 32 values; their depths are 1, 2 and 3
+    blocks and their MLP ratios include 2 and 4, in a drawn order, so every part of a count is
+    exercised whatever the seed."""
+    rng = random.Random(seed)
+    layers, ratios = rng.sample((1, 2, 3), 3), rng.sample((2, 4, rng.choice((2, 4))), 3)
+    configs = []
+    for depth, ratio in zip(layers, ratios):
+        heads = rng.choice((2, 4, 8))
+        head_dim = rng.choice([d for d in (8, 16, 32) if heads * d <= 128])
+        vocab, seq = rng.randrange(100, 1101), rng.randrange(17, 81)
+        configs.append(LabConfig(vocab, seq, heads * head_dim, depth, heads, ratio))
+    return configs[0], configs[1], configs[2]
+
+
+def new_seed() -> int:
+    """A fresh seed for one run of a check."""
+    return secrets.randbelow(2**31)
+
+
 TOLERANCE = {"parameters": 0.0, "gradients": 0.0, "optimizer": 1e-4, "activations": 0.02}
 OPTIMIZERS = ("sgd", "sgd-momentum", "adamw")
 
@@ -53,6 +95,7 @@ def measure_step(
 ) -> dict[str, int]:
     """One real training step of TinyGPT on the CPU: bytes by role after the step, the
     activations saved at the end of the forward pass, and the step's peak."""
+    cfg = _model_config(cfg)
     torch.manual_seed(0)
     model = TinyGPT(cfg)
     if frozen_embedding:
@@ -94,7 +137,9 @@ def _check_counts(
     kwargs_for: Callable[[GPTConfig], dict],
     measured_for: Callable[[GPTConfig], int],
 ) -> CheckResult:
-    for cfg in CONFIGS:
+    seed = new_seed()
+    configs = draw_configs(seed)
+    for cfg in configs:
         try:
             attempted, got = predict(fn, cfg, **kwargs_for(cfg))
         except Measured:
@@ -106,7 +151,7 @@ def _check_counts(
             got,
             measured_for(cfg),
             TOLERANCE[role],
-            str(cfg),
+            f"{cfg} (seed {seed})",
             hint,
             explain=lambda cfg=cfg: _diagnose(lambda c: fn(c, **kwargs_for(c)), cfg, measured_for),
         )
@@ -115,7 +160,7 @@ def _check_counts(
     return give_verdict(
         name,
         PASSED,
-        f"matches the measurement on {len(CONFIGS)} configurations you have not seen"
+        f"matches the measurement on {len(configs)} configurations drawn for this run (seed {seed})"
         + ("" if TOLERANCE[role] == 0 else f" (within {TOLERANCE[role]:.2%})"),
     )
 
@@ -188,13 +233,15 @@ def check_activation_bytes(fn: Callable[..., int]) -> CheckResult:
     return result  # type: ignore[return-value]
 
 
-FIT_CASES = (
-    (CONFIGS[0], 4, 0.8),
-    (CONFIGS[0], 4, 1.25),
-    (CONFIGS[1], 16, 0.8),
-    (CONFIGS[2], 2, 1.25),
-    (CONFIGS[2], 32, 0.8),
-)
+def draw_fit_cases(seed: int) -> list[tuple[LabConfig, int, float]]:
+    """Five (configuration, batch, budget factor) cases drawn from ``seed``, budgets 20 % below
+    or 25 % above the real peak: a small batch (1 or 2, where the optimizer step tends to be the
+    peak) and a large one (16 or 32, where activations do) each with both budgets, and a middle
+    batch (4 or 8) with the tighter one."""
+    rng = random.Random(seed + 1)
+    a, b, c = draw_configs(seed)
+    small, large, middle = rng.choice((1, 2)), rng.choice((16, 32)), rng.choice((4, 8))
+    return [(a, small, 0.8), (a, small, 1.25), (b, large, 0.8), (b, large, 1.25), (c, middle, 0.8)]
 
 
 def check_fits(fn: Callable[..., bool]) -> CheckResult:
@@ -204,7 +251,9 @@ def check_fits(fn: Callable[..., bool]) -> CheckResult:
     20 % below or 25 % above the real peak, so a peak estimate within that margin passes.
     """
     name = "fits the budget"
-    for cfg, batch, factor in FIT_CASES:
+    seed = new_seed()
+    cases = draw_fit_cases(seed)
+    for cfg, batch, factor in cases:
         limit = int(measure_step(cfg, batch=batch)["peak"] * factor)
         try:
             attempted, got = predict(fn, cfg, batch, limit)
@@ -214,23 +263,24 @@ def check_fits(fn: Callable[..., bool]) -> CheckResult:
             return give_verdict(name, NOT_ATTEMPTED, "replace the `raise NotImplementedError` with your answer")
         answer = as_bool(got)
         if answer is None:
-            return give_verdict(name, FAILED, f"expected True or False, got {got!r}")
+            return give_verdict(name, FAILED, f"expected True or False, got {describe(got)}")
         actual = _runs_within(cfg, batch, limit)
         if answer != actual:
             return give_verdict(
                 name,
                 FAILED,
-                f"for {cfg}, batch {batch}, budget {format_bytes(limit)}: you said "
+                f"for {cfg}, batch {batch}, budget {format_bytes(limit)} (seed {seed}): you said "
                 f"{'fits' if answer else 'does not fit'}, "
                 f"the budget run {'completed' if actual else 'ran out of memory'}. "
                 "Hint: the peak is the larger of the optimizer step (weights + gradients + two AdamW moments "
                 "+ one temporary per parameter) and the start of backward (weights + activations + two "
                 "(tokens x vocab) fp32 loss gradients).",
             )
-    return give_verdict(name, PASSED, f"agrees with {len(FIT_CASES)} real budget runs")
+    return give_verdict(name, PASSED, f"agrees with {len(cases)} real budget runs (seed {seed})")
 
 
-def _runs_within(cfg: GPTConfig, batch: int, limit: int) -> bool:
+def _runs_within(cfg: LabConfig | GPTConfig, batch: int, limit: int) -> bool:
+    cfg = _model_config(cfg)
     torch.manual_seed(0)
     model = TinyGPT(cfg)
     opt = _optimizer("adamw", list(model.parameters()))

@@ -154,7 +154,7 @@ def _training_problem(run: _Run, seed: int = 0) -> str:
             f"after {ITERATIONS} steps your weights are {max(moved):.1%} (of the distance training moves them) away "
             "from a correct loop's. Hint: the optimizer must see each batch's full-batch gradient, once per batch."
         )
-    history = list(run.history) if isinstance(run.history, (list, tuple)) else None
+    history = list(run.history) if type(run.history) in (list, tuple) else None  # exact types: no learner code
     numbers = None if history is None else [as_number(h) for h in history]
     if numbers is None or len(numbers) != ITERATIONS or any(n is None for n in numbers):
         return (
