@@ -62,3 +62,20 @@ def test_too_many_objects_is_refused(monkeypatch):
     monkeypatch.setattr(reach, "MAX_OBJECTS", 100)
     with pytest.raises(reach.UnmeasurableObject, match="more than 100 objects"):
         reach.reachable([[i] for i in range(200)])
+
+
+def test_an_opaque_tensor_is_refused_not_counted_as_zero():
+    """Review (labs) D15: weights held as MKLDNN buffers (no readable storage) counted 0 B, so an
+    fp32 MiniLM passed Lab 4's size check at 129.5 KiB. reach() now refuses them."""
+    module = torch.nn.Module()
+    module.register_buffer("w", torch.randn(64, 64).to_mkldnn())
+    with pytest.raises(reach.UnmeasurableObject, match="layout torch._mkldnn .* .to_dense"):
+        reach.reachable(module)
+    from vramlab.prune import module_bytes
+    from vramlab.storages import OpaqueTensor, storage_bytes
+
+    for count in (storage_bytes, module_bytes):  # the plain counters refuse it too
+        with pytest.raises(OpaqueTensor, match="to_dense"):
+            count(module)
+    module.w = module.w.to_dense()
+    assert reach.reachable(module).nbytes == storage_bytes(module) == 64 * 64 * 4

@@ -22,7 +22,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from .storages import real_storages
+from .storages import OpaqueTensor, counted_storages
 
 MAX_OBJECTS = 500_000
 _LEAVES = (str, bytes, bytearray, int, float, complex, bool, type(None), type, types.ModuleType)
@@ -47,7 +47,11 @@ class Holdings:
         return tensors + sum(a.nbytes for a in self.arrays.values()) + sum(b for _, b in self.packed.values())
 
     def add_tensor(self, tensor: torch.Tensor) -> None:
-        for storage in real_storages(tensor):
+        try:
+            found = counted_storages(tensor)
+        except OpaqueTensor as err:  # counting 0 B would be wrong
+            raise UnmeasurableObject(str(err)) from None
+        for storage in found:
             self.storages.setdefault(id(storage), storage)
         if tensor.is_quantized and tensor.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
             for side in (tensor.q_per_channel_scales(), tensor.q_per_channel_zero_points()):

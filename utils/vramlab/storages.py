@@ -43,6 +43,22 @@ def real_storages(tensor: torch.Tensor) -> Iterator[torch.UntypedStorage]:
         return  # e.g. a wrapper without storage that is not traceable: nothing to count
 
 
+class OpaqueTensor(ValueError):
+    """A tensor whose bytes are in no storage vramlab can read (an MKLDNN tensor, say)."""
+
+
+def counted_storages(tensor: torch.Tensor) -> list[torch.UntypedStorage]:
+    """The storages of :func:`real_storages`; raise :class:`OpaqueTensor` for a non-empty tensor
+    that has none, rather than count its bytes as 0."""
+    found = list(real_storages(tensor))
+    if not found and tensor.numel():
+        raise OpaqueTensor(
+            f"a tensor of layout {tensor.layout} has no storage vramlab can read, so its bytes cannot be "
+            "counted; keep weights as ordinary (strided) tensors, or convert this one with .to_dense()"
+        )
+    return found
+
+
 def _compressed_indices(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if tensor.layout in (torch.sparse_csr, torch.sparse_bsr):
         return tensor.crow_indices(), tensor.col_indices()
@@ -105,6 +121,6 @@ def storage_bytes(objs: Iterable[Any] | Any) -> int:
     """
     seen: dict[int, torch.UntypedStorage] = {}
     for tensor in tensors_in(objs):
-        for storage in real_storages(tensor):
+        for storage in counted_storages(tensor):
             seen[id(storage)] = storage  # holding it keeps its id unique while we count
     return sum(storage.nbytes() for storage in seen.values())
