@@ -205,3 +205,48 @@ def test_dynamic_quantization_packed_weights_are_counted():
     want = sum(m.in_features * m.out_features + 4 * m.out_features for m in packed)  # int8 codes + fp32 bias
     held, hidden = lab04.measured_bytes(model)
     assert held - P.module_bytes(model) == want and hidden == 0
+
+
+def test_one_model_is_judged_on_size_and_quality():
+    """Review (labs) D2a: a shrink that returned a small model to one check and the fp32 one to the
+    other passed both. The pair now judges the model of a single call, in either order."""
+    calls = []
+
+    def small_then_fp32(model):
+        calls.append(1)
+        return nf4_everywhere(model) if len(calls) % 2 else model
+
+    lab04.check_size(small_then_fp32)  # NF4 everywhere: small enough ...
+    with pytest.raises(CheckFailed, match="held-out mean cosine"):
+        lab04.check_quality(small_then_fp32)  # ... and judged again here, where it is too lossy
+    assert len(calls) == 1
+
+    def fp32_then_small(model):
+        calls.append(1)
+        return model if len(calls) % 2 else nf4_everywhere(model)
+
+    calls.clear()
+    lab04.check_quality(fp32_then_small)  # the fp32 model: cosine 1 ...
+    with pytest.raises(CheckFailed, match="measured 86"):
+        lab04.check_size(fp32_then_small)  # ... and too big
+    assert len(calls) == 1 and fp32_then_small not in lab04._PENDING
+
+
+def test_a_model_that_uses_a_hidden_encoder_for_quality_only_fails():
+    """Review (labs) D13: a model that runs a global fp32 encoder except on the size check's probe."""
+    fp32 = lab04.fresh_model()
+
+    class Switch(nn.Module):
+        def __init__(self, small):
+            super().__init__()
+            self.small = small
+
+        def forward(self, **batch):
+            return (self.small if len(batch["input_ids"]) == 4 else fp32)(**batch)
+
+    def switch(model):
+        return Switch(nf4_everywhere(model))
+
+    with pytest.raises(CheckFailed, match="while embedding the held-out sentences your model read 86"):
+        lab04.check_quality(switch)
+    lab04._PENDING.clear()

@@ -10,18 +10,23 @@ The learner writes ``int8_bytes(model) -> int`` (a prediction of MiniLM's bytes 
 - ``check_quality``: its sentence embeddings of the *held-out* sentences have a mean cosine
   similarity of at least ``MIN_COSINE`` to the fp32 model's.
 
-Both numbers are measured on the model ``shrink`` returns. Its bytes are everything
+Both numbers are measured on one model: ``shrink`` is called once for the pair of checks
+(the second of ``check_size`` and ``check_quality`` judges the model the first one got), so a
+``shrink`` that returns a small model to one check and the fp32 one to the other fails. Its bytes are everything
 reachable from it (:func:`vramlab.reach.reachable`: parameters and buffers with tensor
 subclasses flattened, bitsandbytes' constants, pruning masks, tensors in plain attributes and
 closures, NumPy arrays, ``torch.ao`` packed weights); a forward pass that reads tensors the
-model does not hold (a global fp32 encoder, say) fails the size check. The held-out sentences
-are read only here, not through :func:`vramlab.minilm.sentences`.
+model does not hold (a global fp32 encoder, say) fails the size check, and so does one
+while the quality check embeds the held-out sentences (a model cannot use a hidden fp32
+encoder for those only). The held-out sentences are read only here, not through
+:func:`vramlab.minilm.sentences`.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -71,7 +76,10 @@ def _heldout() -> list[str]:
 
 @functools.lru_cache(maxsize=1)
 def _reference() -> torch.Tensor:
-    return minilm.embed(_loaded().model, tokenizer(), _heldout())
+    """The fp32 embeddings of the held-out sentences, from a model loaded for this alone (the
+    shared one that ``fresh_model`` copies is reachable from the learner's code)."""
+    private = minilm.load()
+    return minilm.embed(private.model, private.tokenizer, _heldout())
 
 
 def measured_int8_bytes(model: nn.Module) -> int:
@@ -103,8 +111,23 @@ def check_int8_prediction(int8_bytes: Callable[[nn.Module], int]) -> CheckResult
     return give_verdict(name, PASSED, f"exact to the byte on {len(cases)} models")
 
 
+_PENDING: weakref.WeakKeyDictionary[Callable[..., nn.Module], nn.Module] = weakref.WeakKeyDictionary()
+"""The model a ``shrink`` returned to the first check of a size/quality pair, for the second."""
+
+
 def _shrunk(shrink: Callable[[nn.Module], nn.Module], name: str) -> tuple[nn.Module | None, CheckResult | None]:
+    """The model to judge: the one ``shrink`` returned to the other check of the pair if that
+    check ran last (taken once), else a new call of ``shrink`` on a fresh encoder (kept for it)."""
+    try:
+        return _PENDING.pop(shrink), None
+    except (KeyError, TypeError):
+        pass
     attempted, model = attempt(shrink, fresh_model())
+    if isinstance(model, nn.Module):
+        try:
+            _PENDING[shrink] = model
+        except TypeError:  # not weakly referenceable (a functools.partial, say): judged per call
+            pass
     if not attempted:
         return None, give_verdict(name, NOT_ATTEMPTED, "replace the `raise NotImplementedError` in shrink")
     if not isinstance(model, nn.Module):
@@ -157,11 +180,25 @@ def held_out_cosine(model: nn.Module) -> float:
 def check_quality(shrink: Callable[[nn.Module], nn.Module]) -> CheckResult:
     """The model ``shrink`` returns keeps a held-out mean cosine of at least ``MIN_COSINE``."""
     name = f"held-out mean cosine at least {MIN_COSINE}"
+    _reference()  # computed before the learner's code runs
     model, verdict = _shrunk(shrink, name)
     if verdict:
         return verdict
+    embedded: dict[str, torch.Tensor] = {}
     try:
-        cos = held_out_cosine(model)
+        reads = read_by(lambda: embedded.update(out=minilm.embed(model, tokenizer(), _heldout())))
+        hidden = reads.minus(reachable(model)).nbytes
+        if hidden > HIDDEN_READS:
+            return give_verdict(
+                name,
+                FAILED,
+                f"while embedding the held-out sentences your model read {format_bytes(hidden)} of tensors that "
+                "it does not hold (a global, or an object outside it). Return one module that holds everything "
+                "it computes with.",
+            )
+        cos = minilm.mean_cosine(embedded["out"], _reference())
+    except UnmeasurableObject as err:
+        return give_verdict(name, FAILED, f"{err}; return a model whose memory the check can count")
     except ValueError as err:
         return give_verdict(name, FAILED, f"{err} Hint: run your model on a few sentences before returning it")
     except Exception as err:  # a model that cannot embed sentences fails with its own message
