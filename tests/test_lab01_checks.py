@@ -229,6 +229,7 @@ def test_answers_that_are_subclasses_are_refused_before_their_code_runs(right):
 
     assert plain(torch.tensor(3)) == 3 and type(plain(torch.tensor(2.5))) is float and plain(True) is True
     assert plain(torch.ones(2)) is None and plain(torch.tensor(1j)) is None and plain("3") is None
+    assert plain(torch.ones(1, device="meta")) is None  # no value to read
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])

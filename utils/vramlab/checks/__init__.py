@@ -175,7 +175,7 @@ def plain(value: Any) -> int | float | bool | None:
         return value  # type: ignore[no-any-return]
     if kind.__module__ == "numpy" and isinstance(value, (np.integer, np.floating, np.bool_)):
         return value.item()  # type: ignore[no-any-return]
-    if kind is torch.Tensor and value.numel() == 1 and not value.is_complex():
+    if kind is torch.Tensor and value.numel() == 1 and not value.is_complex() and value.device.type != "meta":
         return value.item()  # type: ignore[no-any-return]
     return None
 
@@ -189,6 +189,8 @@ def describe(value: Any) -> str:
     kind = type(value)
     if kind is str:
         return repr(value if len(value) <= 40 else value[:40] + "...")
+    if kind is torch.Tensor:
+        return f"a tensor of shape {tuple(value.shape)} on {value.device.type} (answer with one number)"
     subclass = next((base.__name__ for base in (*_PLAIN, torch.Tensor) if issubclass(kind, base)), None)
     if subclass:
         return f"a {kind.__name__} (a subclass of {subclass}: answer with a plain {subclass} instead)"
