@@ -360,10 +360,13 @@ def test_launch_failures_are_named_for_what_they_are(tmp_path):
         launch(rank_helpers.hang, 2, args=(str(tmp_path / "pid"),), timeout_s=0.5)
 
 
+@pytest.mark.parametrize("background", [False, True])
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
-def test_a_killed_launcher_leaves_no_ranks_children_or_folder(tmp_path, how):
+def test_a_killed_launcher_leaves_no_ranks_children_or_folder(tmp_path, how, background):
     """Issue 24, M8: torch sends the ranks SIGINT when their launcher dies; each rank then kills
-    what it started and removes the launcher's temp folder."""
+    what it started and removes the launcher's temp folder. ``background``: the launcher runs
+    with SIGINT ignored, as a shell's background job or nohup hands it down (a CI run started
+    that way once failed here: the ranks inherited the ignored SIGINT)."""
     import signal
     import subprocess
 
@@ -374,7 +377,16 @@ def test_a_killed_launcher_leaves_no_ranks_children_or_folder(tmp_path, how):
         f"launch(rank_helpers.start_session_child, 2, args=({pid_file!r}, True), timeout_s=120)"
     )
     env = {**os.environ, "TMPDIR": str(scratch)}
-    launcher = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+    def ignore_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", script],
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+        preexec_fn=ignore_sigint if background else None,
+    )
     deadline = time.monotonic() + 60
     while not all(os.path.exists(f"{pid_file}.{r}") for r in range(2)) and time.monotonic() < deadline:
         time.sleep(0.2)

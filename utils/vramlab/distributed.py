@@ -82,6 +82,9 @@ def _entry(
 ) -> None:
     if hasattr(os, "setpgrp"):  # a group of its own, so the launcher can kill what the rank starts
         os.setpgrp()
+    # torch stops the ranks with SIGINT when their launcher dies; a launcher started in the
+    # background (nohup, `&` in a script) hands them SIGINT ignored, so restore Python's handler
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     launcher = os.getppid()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     device = torch.device("cuda", index) if backend == "nccl" else torch.device("cpu")
