@@ -62,9 +62,10 @@ def test_predictions_are_judged_on_two_models():
 
 def test_a_prediction_that_runs_the_ranks_is_refused():
     solution_shard, _ = learner(load(SOLUTION))
+    source = lab05.PL.source_of(solution_shard)  # the prediction runs in a sandbox, without the notebook's source
 
     def measuring(params, world):
-        return lab05.state_bytes(lab05.run(solution_shard)[0])
+        return lab05.state_bytes(lab05.run(source)[0])
 
     with pytest.raises(CheckFailed, match="started a thread or process"):
         lab05.check_sharding(solution_shard, measuring)

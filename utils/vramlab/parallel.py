@@ -157,6 +157,10 @@ def train(
     if checkpointing:
         gpt.set_checkpointing(every=1)
     custom = shard is not None
+    if custom:  # a learner's code runs here: it may not switch the measuring off (vramlab.checks.strict)
+        from .checks import strict
+
+        strict.install()
     model, opt = (LossModel(gpt), None) if custom else wrap(LossModel(gpt), strategy, lr)
     world = 1 if strategy == "single" else rank.world_size
     batches = [
@@ -200,6 +204,7 @@ def train(
         "peak_bytes": m.peak_bytes,
         "breakdown": dict(m.breakdown),
         "error": error,
+        "tampering": list(strict.NOTES) if custom else [],
         "end_bytes": m.end_bytes,
         "param_bytes": storage_bytes(list(model.parameters())),
         "grad_bytes": storage_bytes(grads),

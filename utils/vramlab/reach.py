@@ -2,15 +2,21 @@
 
 :func:`vramlab.storage_bytes` counts the tensors a module *declares* (parameters, buffers,
 optimizer state). An object can hold more: tensors in plain attributes, in closures of its
-hooks or methods, NumPy arrays, and the packed weights of ``torch.ao`` dynamic quantization,
-which live in TorchScript objects rather than tensors. :func:`reachable` walks all of that;
-:func:`read_by` runs a function and lists what its ops read that existed before it (weights
-held anywhere, including a module-level global that no walk from the object can find).
+hooks or methods, NumPy arrays, Python buffers (``bytes``, ``bytearray``, ``array.array``,
+``memoryview``, ``mmap``: weights can be kept there and rebuilt in a forward pass), and the
+packed weights of ``torch.ao`` dynamic quantization, which live in TorchScript objects rather
+than tensors. :func:`reachable` walks all of that; :func:`read_by` runs a function and lists
+what its ops read that existed before it or that no op made (weights held anywhere, including
+a module-level global that no walk from the object can find, or storages deserialised from
+bytes by ``torch.load`` or ``torch.frombuffer``).
 """
 
 from __future__ import annotations
 
+import array
 import functools
+import mmap
+import sys
 import types
 from collections import deque
 from collections.abc import Callable
@@ -25,7 +31,17 @@ from torch.utils._pytree import tree_flatten
 from .storages import OpaqueTensor, counted_storages
 
 MAX_OBJECTS = 500_000
-_LEAVES = (str, bytes, bytearray, int, float, complex, bool, type(None), type, types.ModuleType)
+_LEAVES = (str, int, float, complex, bool, type(None), type, types.ModuleType)
+_BUFFERS = (bytes, bytearray, array.array, memoryview, mmap.mmap)
+BIG_STRING = 65_536
+"""Characters from which a ``str`` counts as held memory (weights can be kept as text, base64
+say); a model's names and docstrings are far shorter, and are not counted."""
+
+
+def _big_string(item: Any) -> bool:
+    return isinstance(item, str) and len(item) >= BIG_STRING
+
+
 _LEAVES += (types.BuiltinFunctionType, torch.dtype, torch.device, torch.Size)
 
 
@@ -35,16 +51,42 @@ class UnmeasurableObject(ValueError):
 
 @dataclass
 class Holdings:
-    """Distinct storages, NumPy arrays and packed weights, each counted once. Bytes."""
+    """Distinct storages, NumPy arrays, Python buffers and packed weights, each counted once. Bytes."""
 
     storages: dict[int, torch.UntypedStorage] = field(default_factory=dict)
     arrays: dict[int, np.ndarray] = field(default_factory=dict)
     packed: dict[int, tuple[Any, int]] = field(default_factory=dict)  # C++ object -> (object, bytes)
+    buffers: dict[int, tuple[Any, int]] = field(default_factory=dict)  # bytes, bytearray, ... -> (object, bytes)
 
     @property
     def nbytes(self) -> int:
         tensors = sum(s.nbytes() for s in self.storages.values())
-        return tensors + sum(a.nbytes for a in self.arrays.values()) + sum(b for _, b in self.packed.values())
+        others = sum(b for _, b in self.packed.values()) + sum(b for _, b in self.buffers.values())
+        return tensors + sum(a.nbytes for a in self.arrays.values()) + others
+
+    def add_buffer(self, buffer: Any) -> None:
+        """A Python buffer (``bytes``, ``bytearray``, ``array.array``, ``memoryview``, ``mmap``, or
+        a ``str`` of :data:`BIG_STRING` characters or more, at ``sys.getsizeof``), counted once by
+        the object that owns the memory (a memoryview by what it views)."""
+        if isinstance(buffer, memoryview):
+            owner = buffer.obj
+            if isinstance(owner, np.ndarray):
+                self.add_array(owner)
+            elif isinstance(owner, _BUFFERS) and not isinstance(owner, memoryview):
+                self.add_buffer(owner)
+            else:
+                self.buffers.setdefault(id(buffer), (buffer, buffer.nbytes))
+            return
+        if isinstance(buffer, str):
+            self.buffers.setdefault(id(buffer), (buffer, sys.getsizeof(buffer)))
+            return
+        if isinstance(buffer, array.array):
+            size = buffer.buffer_info()[1] * buffer.itemsize
+        elif isinstance(buffer, mmap.mmap):
+            size = 0 if buffer.closed else len(buffer)
+        else:
+            size = len(buffer)
+        self.buffers.setdefault(id(buffer), (buffer, size))
 
     def add_tensor(self, tensor: torch.Tensor) -> None:
         try:
@@ -73,6 +115,7 @@ class Holdings:
             {k: v for k, v in self.storages.items() if k not in other.storages},
             {k: v for k, v in self.arrays.items() if k not in other.arrays},
             {k: v for k, v in self.packed.items() if k not in other.packed},
+            {k: v for k, v in self.buffers.items() if k not in other.buffers},
         )
 
 
@@ -127,7 +170,7 @@ def reachable(obj: Any) -> Holdings:
     held, seen, todo = Holdings(), set(), deque([obj])
     while todo:
         item = todo.popleft()
-        if isinstance(item, _LEAVES) or id(item) in seen:
+        if (isinstance(item, _LEAVES) and not _big_string(item)) or id(item) in seen:
             continue
         seen.add(id(item))
         if len(seen) > MAX_OBJECTS:
@@ -139,6 +182,8 @@ def reachable(obj: Any) -> Holdings:
             held.add_array(item)
         elif isinstance(item, torch.ScriptObject):
             held.add_script_object(item)
+        elif isinstance(item, _BUFFERS) or _big_string(item):
+            held.add_buffer(item)
         else:
             todo.extend(_children(item))
     return held
@@ -157,6 +202,10 @@ class _ReadRecorder(TorchDispatchMode):
                 inputs.add_tensor(leaf)
             elif isinstance(leaf, torch.ScriptObject):
                 inputs.add_script_object(leaf)
+            elif isinstance(leaf, torch.TypedStorage):  # set_(storage): made outside any op (torch.load)
+                inputs.storages.setdefault(id(leaf._untyped_storage), leaf._untyped_storage)
+            elif isinstance(leaf, torch.UntypedStorage):
+                inputs.storages.setdefault(id(leaf), leaf)
         self.read.storages.update(inputs.storages)
         self.read.packed.update(inputs.packed)
         out = func(*args, **kwargs)

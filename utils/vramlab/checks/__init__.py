@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import multiprocessing.process
+import os
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -73,6 +74,48 @@ def predict(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[bool, An
         raise Measured() from None
 
 
+class Described:
+    """An answer that is not a plain value, as the sandbox described it (see :func:`describe`)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def _sandbox_predict(fns: tuple, index: int, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """In a check's sandbox: the learner's prediction ``fns[index](*args, **kwargs)`` under
+    :func:`predict`, as a plain value (or a description of what came back)."""
+    try:
+        attempted, got = predict(fns[index], *args, **kwargs)
+    except Measured:
+        return {"measured": True}
+    if not attempted:
+        raise NotImplementedError
+    value = plain(got)
+    return {"plain": value, "described": "" if value is not None or got is None else describe(got)}
+
+
+def predict_in(learner: Any, index: int, *args: Any, **kwargs: Any) -> tuple[bool, Any]:
+    """:func:`predict` for a check's judge: the learner's ``index``-th function runs in the sandbox
+    (:class:`vramlab.checks.isolation.Learner`); the answer comes back as a plain value or a
+    :class:`Described`. Raises :class:`Measured` as :func:`predict` does."""
+    try:
+        reply = learner.call("vramlab.checks:_sandbox_predict", index, args, kwargs)
+    except NotImplementedError:
+        return False, None
+    if reply.get("measured"):
+        raise Measured()
+    return True, Described(reply["described"]) if reply["described"] else reply["plain"]
+
+
+def check_seed(draw: Callable[[], int]) -> tuple[int, str]:
+    """The seed of one run of a check, and a note for its verdict: ``draw()``, unless the
+    environment variable ``VRAMLAB_CHECK_SEED`` pins it (tests do; a verdict says so)."""
+    pinned = os.environ.get("VRAMLAB_CHECK_SEED", "")
+    if pinned.isdigit():
+        return int(pinned), ", pinned by VRAMLAB_CHECK_SEED"
+    return draw(), ""
+
+
 @contextlib.contextmanager
 def _no_new_threads_or_processes() -> Iterator[None]:
     """Make ``Thread.start``, ``Process.start`` and ``Popen`` raise :class:`Measured` inside,
@@ -119,6 +162,73 @@ class StepCounter:
 
     def __enter__(self) -> StepCounter:
         self._handle = self._opt.register_step_post_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()
+
+
+def gradient_fingerprint(params: list[torch.Tensor]) -> torch.Tensor:
+    """Per parameter, three numbers that a gradient determines: its norm, its sum, and its dot
+    product with the parameter (fp64, shape ``(len(params), 3)``; a row ``(-1, nan, nan)`` for a
+    missing gradient, see :func:`missing_gradients`).
+    Cheap enough to take inside a budget: each allocates one scalar, not a copy."""
+    rows = []
+    with torch.no_grad():
+        for p in params:
+            g = p.grad
+            if g is None:
+                rows.append([-1.0, math.nan, math.nan])  # a norm is never negative: "no gradient"
+                continue
+            flat, weight = g.detach().reshape(-1), p.detach().reshape(-1)
+            rows.append([flat.norm().item(), flat.sum().item(), (flat @ weight.to(flat.dtype)).item()])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def missing_gradients(fingerprint: torch.Tensor | None) -> bool:
+    """Whether a :func:`gradient_fingerprint` was not taken, or some parameter had no gradient."""
+    return fingerprint is None or bool((fingerprint[:, 0] < 0).any())
+
+
+def fingerprint_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """How far the gradients behind fingerprint ``got`` are from those behind ``want``: the worst of
+    the per-parameter relative errors of the norms and the relative errors of the vectors of sums
+    and of dot products (inf if a gradient was missing or the shapes differ)."""
+    if got.shape != want.shape or not bool(torch.isfinite(got).all()):
+        return math.inf
+    norms = ((got[:, 0] - want[:, 0]).abs() / want[:, 0].clamp_min(1e-30)).max().item()
+    others = [((got[:, i] - want[:, i]).norm() / want[:, i].norm().clamp_min(1e-30)).item() for i in (1, 2)]
+    return max(norms, *others)
+
+
+def first_step_problem(got: torch.Tensor | None, want: torch.Tensor, tolerance: float, batch: int) -> str:
+    """Why the gradients of a judged run's first ``opt.step()`` (fingerprint ``got``) are not the
+    full-batch ones (fingerprint ``want``) within ``tolerance``, or "" when they are."""
+    if missing_gradients(got):
+        return (
+            "some parameters had no gradient when your code called opt.step() the first time. Hint: run "
+            "backward over every micro-batch of the batch before `opt.step()`."
+        )
+    worst = fingerprint_error(got, want)  # type: ignore[arg-type]
+    return "" if worst <= tolerance else gradient_hint(worst, tolerance, batch)  # NaN is not <=: a problem
+
+
+class FirstStepGradients:
+    """Takes :func:`gradient_fingerprint` of ``params`` just before ``opt``'s first ``step()``,
+    with the optimizer's own pre-step hook: the gradients the learner's loop really stepped with,
+    in the judged run itself (``with FirstStepGradients(opt, params) as first: ...; first.fingerprint``)."""
+
+    def __init__(self, opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
+        self._opt, self._params = opt, params
+        self.fingerprint: torch.Tensor | None = None
+        self._handle: Any = None
+
+    def _hook(self, *_: object) -> None:
+        if self.fingerprint is None:
+            self.fingerprint = gradient_fingerprint(self._params)
+
+    def __enter__(self) -> FirstStepGradients:
+        self._handle = self._opt.register_step_pre_hook(self._hook)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -183,6 +293,8 @@ def plain(value: Any) -> int | float | bool | None:
 def describe(value: Any) -> str:
     """A wrong answer, shown without running any of its own code: the repr of a plain value,
     else its type's name (a subclass's ``__repr__`` is the learner's code too)."""
+    if type(value) is Described:
+        return value.text
     got = plain(value)
     if got is not None or value is None:
         return repr(got)
@@ -214,9 +326,25 @@ def as_bool(value: Any) -> bool | None:
     return value if isinstance(value, bool) else None
 
 
+_QUIET: list[bool] = []
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Inside, :func:`give_verdict` only returns the verdict (a judge process sends it to the
+    notebook, which prints it)."""
+    _QUIET.append(True)
+    try:
+        yield
+    finally:
+        _QUIET.pop()
+
+
 def give_verdict(name: str, status: str, message: str = "") -> CheckResult:
     """Print a check's verdict; raise :class:`CheckFailed` when it failed."""
     result = CheckResult(name, status, message)
+    if _QUIET:
+        return result
     mark = {PASSED: "✅", FAILED: "❌", NOT_ATTEMPTED: "⏳"}[status]
     text = f"{mark} {name}: {status}" + (f" — {message}" if message else "")
     if status == FAILED:

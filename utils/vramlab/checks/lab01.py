@@ -33,11 +33,14 @@ from . import (
     CheckResult,
     Measured,
     as_bool,
+    as_number,
+    check_seed,
     describe,
     give_verdict,
     judge_bytes,
-    predict,
+    predict_in,
 )
+from .isolation import Learner, run_check
 
 
 @dataclass(frozen=True)
@@ -111,14 +114,20 @@ def measure_step(
     return {**step.end_breakdown, "saved": fwd.end_breakdown["activations"], "peak": step.peak_bytes}
 
 
-def _diagnose(fn: Callable[..., int], cfg: GPTConfig, truth: Callable[[GPTConfig], int]) -> str:
-    """Which part of a byte count is off: per block, the vocabulary-sized part, or the rest."""
+def _diagnose(fn: Callable[..., float | None], cfg: LabConfig, truth: Callable[[LabConfig], int]) -> str:
+    """Which part of a byte count is off: per block, the vocabulary-sized part, or the rest.
+    ``fn`` is the learner's prediction, run in the sandbox under the prediction budget (None
+    when it gave no number)."""
     deeper, wider_vocab = replace(cfg, layers=cfg.layers + 1), replace(cfg, vocab_size=cfg.vocab_size + 100)
     try:
-        block_err = (fn(deeper) - fn(cfg)) - (truth(deeper) - truth(cfg))
-        vocab_err = (fn(wider_vocab) - fn(cfg)) - (truth(wider_vocab) - truth(cfg))
-    except Exception:
+        answers = [fn(c) for c in (cfg, deeper, wider_vocab)]
+    except Exception:  # noqa: BLE001 - a diagnosis is a bonus: none if the learner's code fails here
         return ""
+    if any(a is None for a in answers):
+        return ""
+    here, more_layers, more_vocab = answers
+    block_err = (more_layers - here) - (truth(deeper) - truth(cfg))  # type: ignore[operator]
+    vocab_err = (more_vocab - here) - (truth(wider_vocab) - truth(cfg))  # type: ignore[operator]
     parts = []
     if block_err:
         parts.append(f"each transformer block is off by {block_err:+,} B")
@@ -131,17 +140,21 @@ def _diagnose(fn: Callable[..., int], cfg: GPTConfig, truth: Callable[[GPTConfig
 
 def _check_counts(
     name: str,
-    fn: Callable[..., int],
+    learner: Learner,
     role: str,
     hint: str,
-    kwargs_for: Callable[[GPTConfig], dict],
-    measured_for: Callable[[GPTConfig], int],
+    kwargs_for: Callable[[LabConfig], dict],
+    measured_for: Callable[[LabConfig], int],
 ) -> CheckResult:
-    seed = new_seed()
+    seed, pinned = check_seed(new_seed)
     configs = draw_configs(seed)
+
+    def answer(cfg: LabConfig) -> float | None:
+        return as_number(predict_in(learner, 0, cfg, **kwargs_for(cfg))[1])
+
     for cfg in configs:
         try:
-            attempted, got = predict(fn, cfg, **kwargs_for(cfg))
+            attempted, got = predict_in(learner, 0, cfg, **kwargs_for(cfg))
         except Measured:
             return give_verdict(name, FAILED, MEASURED_HINT)
         if not attempted:
@@ -151,25 +164,29 @@ def _check_counts(
             got,
             measured_for(cfg),
             TOLERANCE[role],
-            f"{cfg} (seed {seed})",
+            f"{cfg} (seed {seed}{pinned})",
             hint,
-            explain=lambda cfg=cfg: _diagnose(lambda c: fn(c, **kwargs_for(c)), cfg, measured_for),
+            explain=lambda cfg=cfg: _diagnose(answer, cfg, measured_for),
         )
         if failed:
             return failed
     return give_verdict(
         name,
         PASSED,
-        f"matches the measurement on {len(configs)} configurations drawn for this run (seed {seed})"
+        f"matches the measurement on {len(configs)} configurations drawn for this run (seed {seed}{pinned})"
         + ("" if TOLERANCE[role] == 0 else f" (within {TOLERANCE[role]:.2%})"),
     )
 
 
 def check_param_bytes(fn: Callable[[GPTConfig], int]) -> CheckResult:
     """``fn(cfg)``: bytes of TinyGPT's fp32 parameters."""
+    return run_check("parameter bytes", "vramlab.checks.lab01:_check_param_bytes", fn)
+
+
+def _check_param_bytes(learner: Learner) -> CheckResult:
     return _check_counts(
         "parameter bytes",
-        fn,
+        learner,
         "parameters",
         "4 bytes per parameter; count the token and position embeddings, every Linear's weight "
         "and bias, every LayerNorm's weight and bias, and remember the LM head is tied.",
@@ -180,11 +197,15 @@ def check_param_bytes(fn: Callable[[GPTConfig], int]) -> CheckResult:
 
 def check_grad_bytes(fn: Callable[..., int]) -> CheckResult:
     """``fn(cfg, frozen_embedding)``: bytes of gradients after backward."""
+    return run_check("gradient bytes", "vramlab.checks.lab01:_check_grad_bytes", fn)
+
+
+def _check_grad_bytes(learner: Learner) -> CheckResult:
     result = None
     for frozen in (False, True):
         result = _check_counts(
             f"gradient bytes (frozen embedding={frozen})",
-            fn,
+            learner,
             "gradients",
             "one fp32 gradient per trainable parameter; a frozen tensor has none.",
             lambda cfg, f=frozen: {"frozen_embedding": f},
@@ -197,11 +218,15 @@ def check_grad_bytes(fn: Callable[..., int]) -> CheckResult:
 
 def check_optimizer_bytes(fn: Callable[..., int]) -> CheckResult:
     """``fn(cfg, optimizer)``: bytes of optimizer state after the first step."""
+    return run_check("optimizer state", "vramlab.checks.lab01:_check_optimizer_bytes", fn)
+
+
+def _check_optimizer_bytes(learner: Learner) -> CheckResult:
     result = None
     for name in OPTIMIZERS:
         result = _check_counts(
             f"optimizer state ({name})",
-            fn,
+            learner,
             "optimizer",
             "SGD keeps nothing; momentum keeps one buffer per parameter; AdamW keeps two "
             "moments per parameter (and a 4-byte step counter per tensor, negligible here).",
@@ -215,11 +240,15 @@ def check_optimizer_bytes(fn: Callable[..., int]) -> CheckResult:
 
 def check_activation_bytes(fn: Callable[..., int]) -> CheckResult:
     """``fn(cfg, batch)``: bytes autograd holds at the end of the forward pass (loss computed)."""
+    return run_check("activation bytes", "vramlab.checks.lab01:_check_activation_bytes", fn)
+
+
+def _check_activation_bytes(learner: Learner) -> CheckResult:
     result = None
     for batch in (1, 3):
         result = _check_counts(
             f"activation bytes (batch {batch})",
-            fn,
+            learner,
             "activations",
             "read TinyGPT's code: per block, which outputs does backward need (LayerNorm "
             "outputs and statistics, q/k/v, attention output and log-sum-exp, the MLP's two "
@@ -250,13 +279,17 @@ def check_fits(fn: Callable[..., bool]) -> CheckResult:
     Each case is decided by running the step under :func:`vramlab.budget`, with budgets
     20 % below or 25 % above the real peak, so a peak estimate within that margin passes.
     """
+    return run_check("fits the budget", "vramlab.checks.lab01:_check_fits", fn)
+
+
+def _check_fits(learner: Learner) -> CheckResult:
     name = "fits the budget"
-    seed = new_seed()
+    seed, pinned = check_seed(new_seed)
     cases = draw_fit_cases(seed)
     for cfg, batch, factor in cases:
         limit = int(measure_step(cfg, batch=batch)["peak"] * factor)
         try:
-            attempted, got = predict(fn, cfg, batch, limit)
+            attempted, got = predict_in(learner, 0, cfg, batch, limit)
         except Measured:
             return give_verdict(name, FAILED, MEASURED_HINT + " Here: do not run the step to see if it fits.")
         if not attempted:
@@ -269,14 +302,14 @@ def check_fits(fn: Callable[..., bool]) -> CheckResult:
             return give_verdict(
                 name,
                 FAILED,
-                f"for {cfg}, batch {batch}, budget {format_bytes(limit)} (seed {seed}): you said "
+                f"for {cfg}, batch {batch}, budget {format_bytes(limit)} (seed {seed}{pinned}): you said "
                 f"{'fits' if answer else 'does not fit'}, "
                 f"the budget run {'completed' if actual else 'ran out of memory'}. "
                 "Hint: the peak is the larger of the optimizer step (weights + gradients + two AdamW moments "
                 "+ one temporary per parameter) and the start of backward (weights + activations + two "
                 "(tokens x vocab) fp32 loss gradients).",
             )
-    return give_verdict(name, PASSED, f"agrees with {len(cases)} real budget runs (seed {seed})")
+    return give_verdict(name, PASSED, f"agrees with {len(cases)} real budget runs (seed {seed}{pinned})")
 
 
 def _runs_within(cfg: LabConfig | GPTConfig, batch: int, limit: int) -> bool:

@@ -2,13 +2,15 @@
 
 The learner's ``train(model, opt, batches) -> list[float]`` must (1) run 20 iterations
 inside the lab's budget, (2) hold the same memory after iteration 20 as after iteration 2,
-(3) produce the gradients of the original full-batch loop (same effective batch), and
+(3) step with the gradients of the original full-batch loop (same effective batch: the check
+takes a fingerprint of the gradients at the first ``opt.step()`` of the judged run itself), and
 (4) train as the original does: one AdamW step per batch (the check counts them with the
 optimizer's own step hook), weights after 20 steps equal to a correct loop's, and a history of each
 iteration's loss, which the check recomputes. Memory "after iteration i" is read by the same
 hook after the i-th optimizer step, so it does not depend on how the loop walks the batches
 (a list, indexing, ``list(batches)`` first), and the learner's code needs no instrumentation.
-The check runs on one torch thread (:func:`vramlab.checks.one_thread`).
+The learner's loop runs in a sandbox process (:mod:`vramlab.checks.isolation`), on one torch
+thread; the reference and the verdict stay in the judge.
 """
 
 from __future__ import annotations
@@ -32,12 +34,15 @@ from . import (
     NOT_ATTEMPTED,
     PASSED,
     CheckResult,
+    FirstStepGradients,
     StepCounter,
     as_number,
+    first_step_problem,
     give_verdict,
-    gradient_hint,
-    one_thread,
+    gradient_fingerprint,
+    plain,
 )
+from .isolation import Learner, run_check
 
 CONFIG = GPTConfig(vocab_size=512, seq_len=65, hidden=64, layers=2, heads=2)
 BATCH = 32
@@ -77,11 +82,10 @@ def reference_grads(seed: int = 0) -> list[torch.Tensor]:
     return [p.grad.detach().clone() for p in model.parameters()]
 
 
-def _grads_of(train: Callable, seed: int = 0) -> list[torch.Tensor | None]:
+def _reference_fingerprint(seed: int = 0) -> torch.Tensor:
     model, _, batches = make_setup(seed)
-    frozen = torch.optim.SGD(model.parameters(), lr=0.0)  # the step changes nothing: gradients stay readable
-    train(model, frozen, batches[:1])
-    return [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
+    model.loss(batches[0]).backward()
+    return gradient_fingerprint(list(model.parameters()))
 
 
 @dataclass
@@ -94,6 +98,7 @@ class _Run:
     opt: torch.optim.Optimizer | None = None
     history: Any = None
     steps: int = 0  # optimizer steps the loop took, counted by the optimizer's hook
+    first_grads: torch.Tensor | None = None  # gradient_fingerprint at the first opt.step()
 
 
 def _run(train: Callable, seed: int = 0) -> _Run:
@@ -102,12 +107,31 @@ def _run(train: Callable, seed: int = 0) -> _Run:
     gc.collect()
     with measure(model, opt, batches) as watch:
         try:
-            with StepCounter(opt, watch.current_bytes) as steps, budget(LIMIT, model, opt, batches):
+            with (
+                StepCounter(opt, watch.current_bytes) as steps,
+                FirstStepGradients(opt, list(model.parameters())) as first,
+                budget(LIMIT, model, opt, batches),
+            ):
                 run.history = train(model, opt, list(batches))  # a list of its own: index it or iterate
         except torch.OutOfMemoryError as err:
             run.error = str(err)
-    run.after, run.steps = steps.readings, steps.count
+    run.after, run.steps, run.first_grads = steps.readings, steps.count, first.fingerprint
     return run
+
+
+def _sandbox_run(fns: tuple, seed: int = 0) -> dict[str, Any]:
+    """In the check's sandbox: the learner's loop under the budget, as plain data for the judge."""
+    run = _run(fns[0], seed)
+    history = list(run.history) if type(run.history) in (list, tuple) else None  # exact types: no learner code
+    return {
+        "after": run.after,
+        "error": run.error,
+        "steps": run.steps,
+        "history": None if history is None else [plain(h) for h in history],
+        "history_described": _describe(run.history),
+        "weights": [p.detach().clone() for p in run.model.parameters()],  # type: ignore[union-attr]
+        "first_grads": run.first_grads,
+    }
 
 
 def run_under_budget(train: Callable, seed: int = 0) -> tuple[list[int], str]:
@@ -142,24 +166,24 @@ def _steps_problem(steps: int) -> str:
     )
 
 
-def _training_problem(run: _Run, seed: int = 0) -> str:
-    """Why the run did not train as the original loop does, or "" if it did."""
-    if run.steps != ITERATIONS:
-        return _steps_problem(run.steps)
+def _training_problem(run: dict[str, Any], seed: int = 0) -> str:
+    """Why the judged run (:func:`_sandbox_run`'s data) did not train as the original loop does,
+    or "" if it did."""
+    if run["steps"] != ITERATIONS:
+        return _steps_problem(run["steps"])
     losses, start, final = _reference(seed)
-    params = list(run.model.parameters())
-    moved = [((p.detach() - w).norm() / (w - w0).norm()).item() for p, w, w0 in zip(params, final, start)]
+    moved = [((p - w).norm() / (w - w0).norm()).item() for p, w, w0 in zip(run["weights"], final, start)]
     if not all(m <= WEIGHT_RTOL for m in moved):
         return (
             f"after {ITERATIONS} steps your weights are {max(moved):.1%} (of the distance training moves them) away "
             "from a correct loop's. Hint: the optimizer must see each batch's full-batch gradient, once per batch."
         )
-    history = list(run.history) if type(run.history) in (list, tuple) else None  # exact types: no learner code
+    history = run["history"]
     numbers = None if history is None else [as_number(h) for h in history]
     if numbers is None or len(numbers) != ITERATIONS or any(n is None for n in numbers):
         return (
             f"return the history as a list of {ITERATIONS} Python numbers, each iteration's loss "
-            f"(e.g. the sum of loss.item() over its micro-batches); got {_describe(run.history)}."
+            f"(e.g. the sum of loss.item() over its micro-batches); got {run['history_described']}."
         )
     off = [abs(n - want) / want for n, want in zip(numbers, losses)]
     if not all(o <= LOSS_RTOL for o in off):
@@ -180,17 +204,18 @@ def _describe(history: Any) -> str:
 
 def check_train(train: Callable) -> CheckResult:
     """The four requirements of Lab 2, in order."""
-    with one_thread():
-        return _check_train(train)
+    return run_check("fixed training loop", "vramlab.checks.lab02:_check_train", train)
 
 
-def _check_train(train: Callable) -> CheckResult:
+def _check_train(learner: Learner) -> CheckResult:
     name = "fixed training loop"
+    want = _reference_fingerprint()
+    _reference()  # computed before the learner's code runs
     try:
-        run = _run(train)
+        run = learner.call("vramlab.checks.lab02:_sandbox_run", 0)
     except NotImplementedError:
         return give_verdict(name, NOT_ATTEMPTED, "replace the `raise NotImplementedError` with your loop")
-    after, error = run.after, run.error
+    after, error = run["after"], run["error"]
     if error:
         where = f"at iteration {len(after) + 1}"
         growth = (
@@ -216,18 +241,9 @@ def _check_train(train: Callable) -> CheckResult:
             f"{format_bytes(after[1])} after step 2: {format_bytes((after[-1] - after[1]) / (ITERATIONS - 2))} "
             "leaks per iteration. Hint: keep Python numbers (loss.item()), not tensors, across iterations.",
         )
-    got, want = _grads_of(train), reference_grads()
-    if any(g is None for g in got):
-        return give_verdict(
-            name,
-            FAILED,
-            "some parameters have no gradient after your loop's first iteration. Hint: zero the "
-            "gradients at the start of each iteration, as the original does, not after the step.",
-        )
-    errors = [((g - w).norm() / w.norm()).item() for g, w in zip(got, want)]
-    worst = max(errors)
-    if not all(e <= GRAD_RTOL for e in errors):  # `not <=` also catches NaN, which max() can hide
-        return give_verdict(name, FAILED, gradient_hint(worst, GRAD_RTOL, BATCH))
+    problem = first_step_problem(run["first_grads"], want, GRAD_RTOL, BATCH)
+    if problem:
+        return give_verdict(name, FAILED, problem)
     problem = _training_problem(run)
     if problem:
         return give_verdict(name, FAILED, problem)

@@ -33,7 +33,19 @@ from ..oom import headline
 from ..reach import UnmeasurableObject, reachable
 from ..search import largest_batch
 from ..units import MiB, format_bytes
-from . import FAILED, NOT_ATTEMPTED, PASSED, CheckResult, StepCounter, give_verdict, gradient_hint, one_thread
+from . import (
+    FAILED,
+    NOT_ATTEMPTED,
+    PASSED,
+    CheckResult,
+    FirstStepGradients,
+    StepCounter,
+    first_step_problem,
+    give_verdict,
+    gradient_fingerprint,
+    plain,
+)
+from .isolation import Learner, run_check
 
 LIMIT = 40 * MiB
 BATCH = 16
@@ -116,11 +128,13 @@ def heldout_loss(model: TinyGPT) -> float:
 class TrainingRun:
     """``STEPS`` steps of a recipe in the budget: what ``step`` returned and what the check measured."""
 
-    losses: list[float] = field(default_factory=list)
+    losses: list = field(default_factory=list)
     error: str = ""
     problem: str = ""
     heldout_before: float = float("nan")
     heldout_after: float = float("nan")
+    first_grads: torch.Tensor | None = None  # gradient_fingerprint at the first opt.step()
+    weights: list[torch.Tensor] = field(default_factory=list)  # fp32 copies after the last step
 
 
 def run_in_budget(configure: Callable, step: Callable, layers: int = LAYERS) -> TrainingRun:
@@ -130,10 +144,16 @@ def run_in_budget(configure: Callable, step: Callable, layers: int = LAYERS) -> 
     opt = configure(model)
     try:
         _check_recipe(model, opt, layers)
-        with StepCounter(opt) as counter, budget(LIMIT, model, opt, batches):
+        with (
+            StepCounter(opt) as counter,
+            FirstStepGradients(opt, list(model.parameters())) as first,
+            budget(LIMIT, model, opt, batches),
+        ):
             for ids in batches:
-                run.losses.append(float(step(model, opt, ids)))
+                run.losses.append(plain(step(model, opt, ids)))  # exact types: no learner code in a conversion
+        run.first_grads = first.fingerprint
         _check_trained(model, opt, counter, STEPS)
+        run.weights = [p.detach().float().clone() for p in model.parameters()]
         run.heldout_after = heldout_loss(model)
     except torch.OutOfMemoryError as err:
         run.error = str(err)
@@ -144,43 +164,67 @@ def run_in_budget(configure: Callable, step: Callable, layers: int = LAYERS) -> 
     return run
 
 
+def _sandbox_fit(fns: tuple) -> dict:
+    """In the check's sandbox: :func:`run_in_budget` of the learner's recipe, as plain data."""
+    run = run_in_budget(*fns)
+    return {
+        "losses": run.losses,
+        "error": run.error,
+        "problem": run.problem,
+        "first_grads": run.first_grads,
+        "weights": run.weights,
+    }
+
+
+def _heldout_of(weights: list[torch.Tensor], layers: int = LAYERS) -> float:
+    """The held-out fp32 loss of a model with these weights, computed by the judge."""
+    model, _ = _setup(layers)
+    with torch.no_grad():
+        for p, w in zip(model.parameters(), weights):
+            p.copy_(w)
+    return heldout_loss(model)
+
+
+def _naive_fingerprint(layers: int) -> torch.Tensor:
+    """The full-batch gradients of naive fp32's first step at ``layers`` blocks (no budget)."""
+    model, batches = _setup(layers)
+    model.loss(batches[0]).backward()
+    return gradient_fingerprint(list(model.parameters()))
+
+
 def train_in_budget(configure: Callable, step: Callable, layers: int = LAYERS) -> tuple[list[float], str]:
     """Run ``STEPS`` steps inside the budget; the losses, and the OOM message if it ran out."""
     run = run_in_budget(configure, step, layers)
     return run.losses, run.error
 
 
-def _first_grads(configure: Callable, step: Callable) -> list[torch.Tensor | None]:
-    model, batches = _setup(LAYERS)
-    configure(model)  # e.g. switches on checkpointing; its optimizer is replaced below
-    frozen = torch.optim.SGD(model.parameters(), lr=0.0)
-    step(model, frozen, batches[0])
-    return [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
-
-
 def check_fit(configure: Callable, step: Callable) -> CheckResult:
     """The 4-block model trains inside the budget, learns, and keeps the full-batch gradients."""
-    with one_thread():
-        return _check_fit(configure, step)
+    return run_check(f"train the {LAYERS}-block model", "vramlab.checks.lab03:_check_fit", configure, step)
 
 
-def _check_fit(configure: Callable, step: Callable) -> CheckResult:
+def _check_fit(learner: Learner) -> CheckResult:
     name = f"train the {LAYERS}-block model in {format_bytes(LIMIT)}"
+    want = _naive_fingerprint(LAYERS)
+    before = heldout_loss(_setup(LAYERS)[0])
     try:
-        run = run_in_budget(configure, step)
+        run = learner.call("vramlab.checks.lab03:_sandbox_fit")
     except NotImplementedError:
         return give_verdict(name, NOT_ATTEMPTED, "replace the `raise NotImplementedError` in configure and step")
-    if run.error:
+    if run["error"]:
         return give_verdict(
             name,
             FAILED,
-            f"out of memory at step {len(run.losses) + 1} of {STEPS}: "
-            f"{headline(run.error)}. "
+            f"out of memory at step {len(run['losses']) + 1} of {STEPS}: "
+            f"{headline(run['error'])}. "
             "Hint: combine checkpointing, micro-batches and a lighter optimizer step.",
         )
-    if run.problem:
-        return give_verdict(name, FAILED, run.problem)
-    before, after = run.heldout_before, run.heldout_after
+    if run["problem"]:
+        return give_verdict(name, FAILED, run["problem"])
+    problem = first_step_problem(run["first_grads"], want, GRAD_RTOL, BATCH)
+    if problem:
+        return give_verdict(name, FAILED, problem)
+    after = _heldout_of(run["weights"])
     if not after < 0.99 * before:
         return give_verdict(
             name,
@@ -188,16 +232,6 @@ def _check_fit(configure: Callable, step: Callable) -> CheckResult:
             f"the loss on a batch the check holds back did not go down ({before:.3f} -> {after:.3f}, computed by "
             "the check); check the learning rate and the update",
         )
-    got = _first_grads(configure, step)
-    if any(g is None for g in got):
-        return give_verdict(
-            name, FAILED, "no gradients after your first step: zero them at the start of `step`, not after the update"
-        )
-    want = _first_grads(naive_configure, lambda m, o, ids: naive_step(m, o, ids))
-    errors = [((g - w).norm() / w.norm()).item() for g, w in zip(got, want)]
-    worst = max(errors)
-    if not all(e <= GRAD_RTOL for e in errors):  # `not <=` also catches NaN, which max() can hide
-        return give_verdict(name, FAILED, gradient_hint(worst, GRAD_RTOL, BATCH))
     return give_verdict(
         name,
         PASSED,
@@ -206,17 +240,37 @@ def _check_fit(configure: Callable, step: Callable) -> CheckResult:
     )
 
 
-def step_peak(configure: Callable, step: Callable, layers: int) -> int:
-    """Peak bytes of two training steps of the ``layers``-block model (measured, no budget).
-    Raises :class:`NotTraining` when the steps do not train it."""
+def _step_run(configure: Callable, step: Callable, layers: int) -> tuple[int, torch.Tensor | None]:
+    """Peak bytes of two training steps of the ``layers``-block model (measured, no budget), and
+    the fingerprint of the gradients its first ``opt.step()`` used. Raises :class:`NotTraining`
+    when the steps do not train it."""
     model, batches = _setup(layers)
     opt = configure(model)
     _check_recipe(model, opt, layers)
-    with StepCounter(opt) as counter, measure(model, opt, batches[:2]) as m:
+    with (
+        StepCounter(opt) as counter,
+        FirstStepGradients(opt, list(model.parameters())) as first,
+        measure(model, opt, batches[:2]) as m,
+    ):
         for ids in batches[:2]:
             step(model, opt, ids)
     _check_trained(model, opt, counter, 2)
-    return m.peak_bytes
+    return m.peak_bytes, first.fingerprint
+
+
+def step_peak(configure: Callable, step: Callable, layers: int) -> int:
+    """Peak bytes of two training steps of the ``layers``-block model (measured, no budget).
+    Raises :class:`NotTraining` when the steps do not train it."""
+    return _step_run(configure, step, layers)[0]
+
+
+def _sandbox_step(fns: tuple, layers: int) -> dict:
+    """In the check's sandbox: :func:`_step_run` of the learner's recipe, as plain data."""
+    try:
+        peak, fingerprint = _step_run(*fns, layers)
+    except NotTraining as err:
+        return {"problem": str(err)}
+    return {"peak": peak, "first_grads": fingerprint}
 
 
 def largest_depth(configure: Callable, step: Callable) -> int:
@@ -229,16 +283,32 @@ def largest_depth(configure: Callable, step: Callable) -> int:
     return largest_batch(within_budget, limit=128).largest
 
 
+def _largest_depth_of(learner: Learner) -> int:
+    """:func:`largest_depth` of the learner's recipe, each depth run in the sandbox; a depth counts
+    only if its first step used the full-batch gradients (the judged run's own, not a probe's)."""
+
+    def within_budget(layers: int) -> None:
+        run = learner.call("vramlab.checks.lab03:_sandbox_step", layers)
+        if "problem" in run:
+            raise NotTraining(run["problem"])
+        if run["peak"] > LIMIT:
+            raise torch.OutOfMemoryError(f"{layers} blocks exceed the budget")
+        problem = first_step_problem(run["first_grads"], _naive_fingerprint(layers), GRAD_RTOL, BATCH)
+        if problem:
+            raise NotTraining(f"at {layers} blocks, {problem}")
+
+    return largest_batch(within_budget, limit=128).largest
+
+
 def check_scaling(configure: Callable, step: Callable) -> CheckResult:
     """The learner's recipe trains a model with at least 4x the parameters of naive's, in the same budget."""
-    with one_thread():
-        return _check_scaling(configure, step)
+    return run_check("scaling", "vramlab.checks.lab03:_check_scaling", configure, step)
 
 
-def _check_scaling(configure: Callable, step: Callable) -> CheckResult:
+def _check_scaling(learner: Learner) -> CheckResult:
     name = f"at least {TARGET_RATIO:.0f}x the parameters in the same budget"
     try:
-        mine = largest_depth(configure, step)
+        mine = _largest_depth_of(learner)
     except NotImplementedError:
         return give_verdict(name, NOT_ATTEMPTED, "replace the `raise NotImplementedError` in configure and step")
     except NotTraining as err:

@@ -29,7 +29,8 @@ from .. import parallel as PL
 from ..distributed import Rank, RankFailed, launch
 from ..gpt import GPTConfig
 from ..units import MiB, format_bytes
-from . import FAILED, MEASURED_HINT, NOT_ATTEMPTED, PASSED, CheckResult, Measured, give_verdict, judge_bytes, predict
+from . import FAILED, MEASURED_HINT, NOT_ATTEMPTED, PASSED, CheckResult, Measured, give_verdict, judge_bytes, predict_in
+from .isolation import Learner, run_check
 
 CFG = dict(vocab_size=256, seq_len=33, hidden=256, layers=4, heads=4)
 UNSEEN_CFG = dict(vocab_size=256, seq_len=33, hidden=192, layers=3, heads=4)  # the prediction's second model
@@ -62,10 +63,14 @@ def single_process_peak() -> int:
     return _reference()["peak_bytes"]
 
 
-def run(shard: Callable[..., Any], cfg: dict[str, int] | None = None, limit: int | None = BUDGET) -> list[dict]:
-    """Train ``STEPS`` steps on ``WORLD`` ranks with the learner's ``shard``; each rank's report
-    (peak_bytes, param_bytes, grad_bytes, optimizer_bytes, losses, error...)."""
-    args = ("custom", cfg or CFG, BATCH_PER_RANK, STEPS, 3e-3, limit, False, False, PL.source_of(shard))
+def run(
+    shard: Callable[..., Any] | tuple[str, str], cfg: dict[str, int] | None = None, limit: int | None = BUDGET
+) -> list[dict]:
+    """Train ``STEPS`` steps on ``WORLD`` ranks with the learner's ``shard`` (a function, or its
+    ``(source, name)``); each rank's report (peak_bytes, param_bytes, grad_bytes,
+    optimizer_bytes, losses, error, tampering...)."""
+    source = shard if isinstance(shard, tuple) else PL.source_of(shard)
+    args = ("custom", cfg or CFG, BATCH_PER_RANK, STEPS, 3e-3, limit, False, False, source)
     return launch(PL.train, WORLD, args=args, timeout_s=240, backend="gloo")
 
 
@@ -77,6 +82,11 @@ def state_bytes(report: dict[str, Any]) -> int:
 def _failure(ranks: list[dict[str, Any]]) -> str:
     """Why the run failed, or ""."""
     for r in ranks:
+        if r.get("tampering"):
+            return (
+                f"rank {r['rank']}: the check's measurement was switched off while your code ran: "
+                f"{'; '.join(r['tampering'])}. This is reported as tampering; let the check measure your code."
+            )
         if r["error"].startswith("NotImplementedError"):
             return "not attempted"
         if r["error"]:
@@ -95,12 +105,25 @@ def _failure(ranks: list[dict[str, Any]]) -> str:
     return ""
 
 
+NAME = f"train on {WORLD} ranks within {format_bytes(BUDGET)} each, same losses, state bytes predicted"
+
+
 def check_sharding(shard: Callable[..., Any], predict_state_bytes: Callable[[int, int], Any]) -> CheckResult:
-    """Every rank within the budget, the losses of one process, and the state bytes predicted."""
-    name = f"train on {WORLD} ranks within {format_bytes(BUDGET)} each, same losses, state bytes predicted"
+    """Every rank within the budget, the losses of one process, and the state bytes predicted.
+    The prediction runs in the check's sandbox, ``shard``'s source on the ranks (both in strict
+    mode: :mod:`vramlab.checks.strict`), the verdict in the judge."""
+    try:
+        source = PL.source_of(shard)
+    except ValueError as err:
+        return give_verdict(NAME, FAILED, str(err))
+    return run_check(NAME, "vramlab.checks.lab05:_check_sharding", predict_state_bytes, data=(source,))
+
+
+def _check_sharding(learner: Learner, shard: tuple[str, str]) -> CheckResult:
+    name = NAME
     hint = "what each rank keeps of the weights (4 B), gradients (4 B) and AdamW state (8 B) per parameter"
     try:
-        attempted, predicted = predict(predict_state_bytes, params(), WORLD)
+        attempted, predicted = predict_in(learner, 0, params(), WORLD)
     except Measured:
         return give_verdict(name, FAILED, MEASURED_HINT)
     if not attempted:
@@ -118,7 +141,7 @@ def check_sharding(shard: Callable[..., Any], predict_state_bytes: Callable[[int
     failed = judge_bytes(name, predicted, measured, STATE_RTOL, f"the lab's model ({params():,} parameters)", hint)
     if failed:
         return failed
-    _, unseen_prediction = predict(predict_state_bytes, params(UNSEEN_CFG), WORLD)
+    _, unseen_prediction = predict_in(learner, 0, params(UNSEEN_CFG), WORLD)
     setup = f"a second model ({params(UNSEEN_CFG):,} parameters)"
     unseen_ranks = run(shard, UNSEEN_CFG, limit=None)
     broken = next((r for r in unseen_ranks if r["error"]), None)
