@@ -42,3 +42,38 @@ def only_the_lab_model(model):
         fully_shard(block)
     fully_shard(model)
     return model, torch.optim.AdamW(model.parameters(), lr=3e-3, foreach=True)
+
+
+def ddp_on_host(model):
+    """Review (labs) E1b: plain DDP with vramlab's on_host() entered for the rest of the run."""
+    import vramlab.tracker as T
+
+    model.__dict__["_keep"] = T.on_host()
+    model.__dict__["_keep"].__enter__()
+    model = DistributedDataParallel(model)
+    return model, torch.optim.AdamW(model.parameters(), lr=3e-3, foreach=True)
+
+
+def ddp_modes_swapped(model):
+    """Review (labs) E2: plain DDP after popping the check's dispatch modes and pushing inert look-alikes."""
+    from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack, _pop_mode, _push_mode
+
+    class Inert(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    depth = len(_get_current_dispatch_mode_stack())
+    for _ in range(depth):
+        _pop_mode()
+    for _ in range(depth):
+        _push_mode(Inert())
+    model = DistributedDataParallel(model)
+    return model, torch.optim.AdamW(model.parameters(), lr=3e-3, foreach=True)
+
+
+def fsdp(model):
+    """The lab's answer: fully_shard per block, then at the root."""
+    for block in model.gpt.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return model, torch.optim.AdamW(model.parameters(), lr=3e-3, foreach=True)

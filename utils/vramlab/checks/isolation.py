@@ -309,6 +309,8 @@ def _judge(request: bytes, verdict_out: IO[bytes], forked: bool) -> None:
     os.setpgid(0, 0)  # a process group of its own, which the notebook can stop
     _send(verdict_out, str(os.getpgid(0)).encode())
     target, blob, data, env = pickle.loads(request)
+    for name in [k for k in os.environ if k.startswith("VRAMLAB_")]:  # the notebook's, as of this check
+        del os.environ[name]
     os.environ.update(env)
     requests, answers, wait = _sandbox(forked)
     try:
