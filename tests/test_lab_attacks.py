@@ -119,6 +119,15 @@ def test_a6_a_table_measured_for_one_seed_fails_on_the_next_run(monkeypatch):
         lab01.check_activation_bytes(lambda c, batch: table[(c, batch)])
 
 
+def test_a8_counting_a_model_built_on_the_meta_device_is_measuring():
+    def predict_param_bytes(cfg):
+        with torch.device("meta"):
+            return 4 * sum(p.numel() for p in TinyGPT(lab01._model_config(cfg)).parameters())
+
+    with pytest.raises(CheckFailed, match="your prediction allocated tensors"):
+        lab01.check_param_bytes(predict_param_bytes)
+
+
 def test_a9_patching_the_check_in_the_notebook_changes_nothing(monkeypatch):
     monkeypatch.setattr(lab01, "judge_bytes", lambda *args, **kwargs: None)
     monkeypatch.setattr(lab01, "measure_step", lambda *args, **kwargs: {"parameters": 7})

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from ..units import KiB, format_bytes
 
@@ -61,14 +63,32 @@ class Measured(Exception):
     """A prediction allocated tensors: it measured instead of predicting."""
 
 
+OFF_CPU_ELEMENTS = 1024
+"""Elements from which a tensor made off the CPU (meta, cuda) during a prediction means it measures:
+building a model on the meta device to count its parameters is measuring too (review A8)."""
+
+
+class _OffCpu(TorchDispatchMode):
+    """Raises :class:`Measured` for an op that makes a tensor of more than :data:`OFF_CPU_ELEMENTS`
+    elements on another device than the CPU (which a CPU budget does not count)."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_flatten(out)[0]:
+            if isinstance(leaf, torch.Tensor) and leaf.device.type != "cpu" and leaf.numel() > OFF_CPU_ELEMENTS:
+                raise Measured()
+        return out
+
+
 def predict(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[bool, Any]:
     """Call the learner's prediction ``fn`` like :func:`attempt`, under a CPU budget of
-    :data:`PREDICTION_BUDGET` bytes; raise :class:`Measured` if it allocates more, or if it
-    starts a thread or a process (the budget sees only the thread it runs in)."""
+    :data:`PREDICTION_BUDGET` bytes; raise :class:`Measured` if it allocates more, makes large
+    tensors on another device (meta, cuda), or starts a thread or a process (the budget sees
+    only the thread it runs in)."""
     from ..budget import budget
 
     try:
-        with _no_new_threads_or_processes(), budget(PREDICTION_BUDGET, device="cpu"):
+        with _no_new_threads_or_processes(), budget(PREDICTION_BUDGET, device="cpu"), _OffCpu():
             return attempt(fn, *args, **kwargs)
     except torch.OutOfMemoryError:
         raise Measured() from None

@@ -291,8 +291,12 @@ def _sandbox(forked: bool) -> tuple[IO[bytes], IO[bytes], Callable[[], int]]:
                 sys.stderr.flush()
                 os._exit(code)
 
+        codes: list[int] = []
+
         def wait() -> int:
-            return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+            if not codes:
+                codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+            return codes[0]
 
     else:
         proc = subprocess.Popen(

@@ -257,6 +257,7 @@ class Watch:
         NOTES.clear()
         self._others = self._other_threads()
         self._children = _cpu(resource.RUSAGE_CHILDREN)
+        self._had_children = _children_alive()  # none in a sandbox; a test process has its own
         return self
 
     @staticmethod
@@ -268,5 +269,5 @@ class Watch:
     def __exit__(self, *exc: object) -> None:
         if self._other_threads() - self._others > 0.05:
             _note("ran work on another thread (it used CPU time outside the check's thread)")
-        if _cpu(resource.RUSAGE_CHILDREN) > self._children or _children_alive():
+        if _cpu(resource.RUSAGE_CHILDREN) > self._children or (_children_alive() and not self._had_children):
             _note("started a process")
