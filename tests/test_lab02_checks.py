@@ -7,7 +7,7 @@ import pytest
 import torch.nn.functional as F
 
 from notebook_code import defined_in
-from vramlab.checks import CheckFailed, lab02
+from vramlab.checks import CheckFailed, gradient_hint, lab02
 from vramlab.labs import make_lab
 from vramlab.notebooks import load
 
@@ -245,7 +245,7 @@ def test_a_precision_error_is_named_as_precision_and_the_check_runs_on_one_threa
     with pytest.raises(CheckFailed) as failed:
         lab02.check_train(make_loop(divide=False))
     assert "divided by k" in str(failed.value) and "precision" not in str(failed.value)
-    result = lab02.gradient_hint(0.0078, lab02.GRAD_RTOL, lab02.BATCH)
+    result = gradient_hint(0.0078, lab02.GRAD_RTOL, lab02.BATCH)
     assert "precision" in result and "0.0001" in result
     with pytest.raises(CheckFailed, match="usually comes from precision"):
         lab02.check_train(autocast_micro_batches)

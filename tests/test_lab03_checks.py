@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from notebook_code import defined_in
-from vramlab.checks import CheckFailed, lab03
+from vramlab.checks import CheckFailed, gradient_hint, lab03
 from vramlab.labs import make_lab
 from vramlab.notebooks import load
 
@@ -161,6 +161,6 @@ def test_gradient_messages_name_precision_when_the_error_is_small():
     micro-batch losses; an error under 20 % now names precision, a larger one the batch."""
     from vramlab.checks import lab03
 
-    small, large = (lab03.gradient_hint(e, lab03.GRAD_RTOL, lab03.BATCH) for e in (0.128, 0.75))
+    small, large = (gradient_hint(e, lab03.GRAD_RTOL, lab03.BATCH) for e in (0.128, 0.75))
     assert "precision" in small and "0.05" in small and "divided by k" not in small
     assert "divided by k" in large and "precision" not in large and "stays 16" in large

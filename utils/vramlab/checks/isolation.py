@@ -5,10 +5,12 @@ A check involves three processes:
 1. the **notebook** calls ``labNN.check_x(fn)``: :func:`run_check` sends ``fn`` (with what it
    references from earlier cells, by value, with ``cloudpickle``) to a judge, prints what comes
    back, and raises :class:`~vramlab.checks.CheckFailed` on a failed verdict;
-2. the **judge**, a fresh Python process, imports the check afresh (a monkeypatch in the notebook
-   does not reach it), draws the hidden configurations, computes the references and gives the
-   verdict; it never loads the learner's code;
-3. the **sandbox**, a fresh Python process the judge starts and owns, loads the learner's code in
+2. the **judge**, a process that has run nothing of the notebook's (on Linux a fork of a zygote
+   that only imported torch and the checks, :func:`zygote_main`; elsewhere a fresh interpreter),
+   so a monkeypatch in the notebook does not reach it; it draws the hidden configurations,
+   computes the references and gives the verdict, and never loads the learner's code;
+3. the **sandbox**, a process the judge starts and owns (a fork of the judge made before the judge
+   does anything, or a fresh interpreter), loads the learner's code in
    strict mode (:mod:`vramlab.checks.strict`) and runs it on request (:meth:`Learner.call`), under
    the check's measurement; it answers with plain data (numbers, strings, tensors) that the judge
    reads with ``torch.load(weights_only=True)``, so nothing the learner's code returns runs in the
