@@ -255,20 +255,6 @@ class FirstStepGradients:
         self._handle.remove()
 
 
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run a check (and the learner's code it calls) on one torch thread, then restore the count:
-    on a shared 2-core machine two OpenMP threads per process oversubscribe the cores and made a
-    lab check ten times slower. Results are unchanged up to float rounding, far inside every
-    tolerance, and the check's references are computed inside the same block."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def gradient_hint(worst: float, tolerance: float, batch: int) -> str:
     """The message for gradients off the full-batch ones by ``worst`` (relative): a small error
     is precision (autocast, 16-bit weights), a large one the effective batch."""

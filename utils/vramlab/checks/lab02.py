@@ -75,13 +75,6 @@ def train_original(model: TinyGPT, opt: torch.optim.Optimizer, batches) -> list:
     return history
 
 
-def reference_grads(seed: int = 0) -> list[torch.Tensor]:
-    """Gradients of the original loop's first step (the full batch, no budget)."""
-    model, _, batches = make_setup(seed)
-    model.loss(batches[0]).backward()
-    return [p.grad.detach().clone() for p in model.parameters()]
-
-
 def _reference_fingerprint(seed: int = 0) -> torch.Tensor:
     model, _, batches = make_setup(seed)
     model.loss(batches[0]).backward()
