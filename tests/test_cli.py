@@ -188,9 +188,12 @@ def test_fit_names_the_first_recipe_when_batch_1_does_not_fit(capsys):
     assert main(["fit", "llama-2-7b", "--gpu", "24GiB", "--seq", "2048", "--recipe", "amp-bf16", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     plan = first_fit("llama-2-7b", 24 * 2**30, seq=2048, headroom=CONTEXT_HEADROOM)
-    assert out["largest_batch"] == 0 and out["plan"]["devices"] == plan.devices == 4
+    assert out["largest_batch"] == 0 and out["plan"]["devices"] == plan.devices == 8
+    assert out["plan"]["source"] == plan.source == "dry-run"  # the guide's table holds 7B at 2048
     assert main(["fit", "llama-2-7b", "--gpu", "24GiB", "--seq", "2048"]) == 0
-    assert "ZeRO-3 + 8-bit AdamW + ckpt x4" in capsys.readouterr().out
+    assert "FSDP2 + ckpt x8" in capsys.readouterr().out
+    assert main(["fit", "llama-2-7b", "--gpu", "24GiB", "--seq", "1024", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["plan"]["source"] == "formula"  # not in the table: no dry run
 
 
 @pytest.mark.parametrize(("gpu", "words"), [("16G", "ambiguous"), ("0GiB", "more than 0 bytes"), ("lots", "")])

@@ -5,6 +5,8 @@
     vramlab dryrun   llama-2-7b --batch 1 --seq 4096 --recipe amp-bf16 [--json]
     vramlab fit      llama-2-7b --gpu 80GiB --seq 2048 --recipe amp-bf16 [--json]
     vramlab estimate llama-2-7b --recipe amp-bf16 --gpus 8 --zero 3    # + states per GPU
+    vramlab dryrun   llama-2-70b --gpus 64 --fsdp --mixed-precision bf16 --checkpointing --seq 2048
+    vramlab dryrun   llama-2-70b --gpus 64 --fsdp --tp 8 --reshard-after-forward false
     vramlab estimate llama-2-7b --qlora 16 --checkpointing             # QLoRA fine-tuning
     vramlab dryrun   --config any/config.json                          # any transformers causal LM
     vramlab dryrun   llama-2-7b --recipe bf16 --lora 16                # LoRA fine-tuning
@@ -69,10 +71,32 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument(
             "--full-logits", action="store_true", help="inference: logits at every position (a plain forward)"
         )
-        cmd.add_argument("--gpus", type=int, help="estimate: GPUs to shard over (with --zero)")
+        cmd.add_argument("--gpus", type=int, help="GPUs to shard over (estimate: with --zero; dryrun: with --fsdp)")
         cmd.add_argument(
             "--zero", type=int, choices=(0, 1, 2, 3), help="estimate: ZeRO stage (0 = DDP, 3 = FSDP) over --gpus"
         )
+        cmd.add_argument(
+            "--dry-run-peak",
+            action="store_true",
+            help="estimate --zero 3: also the per-GPU peak of the FSDP2 step, by dry run (seconds to a minute)",
+        )
+        cmd.add_argument(
+            "--fsdp",
+            action="store_true",
+            help="dryrun: FSDP2 over --gpus ranks: one rank's peak, on a fake process group",
+        )
+        cmd.add_argument("--tp", type=int, help="dryrun --fsdp: tensor-parallel group size (divides --gpus)")
+        cmd.add_argument(
+            "--reshard-after-forward",
+            choices=("true", "false"),
+            help="dryrun --fsdp: free each block's gathered parameters after its forward (default true)",
+        )
+        cmd.add_argument(
+            "--mixed-precision",
+            choices=("bf16",),
+            help="dryrun --fsdp: FSDP2's MixedPrecisionPolicy, bf16 compute on fp32 shards, fp32 gradient reduction",
+        )
+        cmd.add_argument("--cpu-offload", action="store_true", help="dryrun --fsdp: FSDP2's CPUOffloadPolicy")
         cmd.add_argument(
             "--qlora", type=int, metavar="RANK", help="estimate: QLoRA fine-tuning with rank-RANK adapters (NF4 base)"
         )
@@ -98,7 +122,32 @@ def _arch(args: argparse.Namespace) -> Any:
     return get_arch(args.model)
 
 
+SHARDING_FLAGS = ("tp", "reshard_after_forward", "mixed_precision")
+
+
+def _sharded_flags(args: argparse.Namespace) -> None:
+    """Refuse the sharding flags where they do not belong, in one line each."""
+    given = [f"--{n.replace('_', '-')}" for n in SHARDING_FLAGS if getattr(args, n) is not None]
+    given += ["--cpu-offload"] * args.cpu_offload
+    if args.command != "dryrun" and (args.fsdp or given):
+        flags = ", ".join(["--fsdp"] * args.fsdp + given)
+        raise ValueError(
+            f"`vramlab {args.command}` does not take {flags}: a sharded dry run does (`vramlab dryrun --fsdp`)"
+        )
+    if given and not args.fsdp:
+        raise ValueError(f"add --fsdp and --gpus N to use {', '.join(given)}, which shape an FSDP2 run")
+    if args.fsdp and args.gpus is None:
+        raise ValueError("--fsdp needs --gpus N, the number of ranks to shard over")
+    if args.dry_run_peak and (args.command != "estimate" or args.zero != 3):
+        raise ValueError("--dry-run-peak goes with `vramlab estimate --gpus N --zero 3` (FSDP2 is ZeRO-3)")
+
+
 def _estimate_only(args: argparse.Namespace) -> None:
+    _sharded_flags(args)
+    if args.command == "dryrun" and args.fsdp:
+        if args.zero is not None or args.qlora is not None:
+            raise ValueError("a sharded dry run is FSDP2 (ZeRO-3) by construction; drop --zero and --qlora")
+        return
     used = [f"--{name}" for name in ("gpus", "zero", "qlora") if getattr(args, name) is not None]
     if used and args.command != "estimate":
         flags = ", ".join(used)
@@ -145,6 +194,30 @@ def _sharded(arch: Any, setup: Setup, gpus: int, stage: int) -> dict[str, Any]:
     }
 
 
+def _dry_run_peak(arch: Any, setup: Setup, gpus: int) -> dict[str, Any]:
+    """The FSDP2 dry run beside ``estimate --zero 3``: amp-bf16 becomes FSDP2's bf16 policy."""
+    from .sharded import sharded_dryrun
+
+    precision = "bf16" if setup.recipe == "amp-bf16" else None
+    step = Setup(**{**setup.to_json(), "recipe": "fp32" if precision else setup.recipe})
+    return sharded_dryrun(arch, step, gpus=gpus, mixed_precision=precision).to_json()
+
+
+def _sharded_run(args: argparse.Namespace, arch: Any, setup: Setup) -> dict[str, Any]:
+    from .sharded import sharded_dryrun
+
+    result = sharded_dryrun(
+        arch,
+        setup,
+        gpus=args.gpus,
+        tp=args.tp or 1,
+        reshard_after_forward=args.reshard_after_forward != "false",
+        mixed_precision=args.mixed_precision,
+        cpu_offload=args.cpu_offload,
+    )
+    return {"text": str(result), **result.to_json()}
+
+
 def _run(args: argparse.Namespace) -> dict[str, Any]:
     _estimate_only(args)
     arch = _arch(args)
@@ -174,12 +247,16 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         out = est.to_json()
         if args.gpus is not None:
             out["per_gpu"] = _sharded(arch, setup, args.gpus, args.zero)
+            if args.dry_run_peak:
+                out["per_gpu"]["dry_run"] = _dry_run_peak(arch, setup, args.gpus)
         return out
     if args.command == "fit":
         from .fit import largest_batch
         from .units import parse_bytes
 
         return {"text": str(fit := largest_batch(arch, parse_bytes(args.gpu), setup)), **fit.to_json()}
+    if args.fsdp:
+        return _sharded_run(args, arch, setup)
     from .dryrun import dryrun
 
     return dryrun(arch, setup).to_json()
@@ -222,6 +299,13 @@ def _table(obj: dict[str, Any]) -> str:
             f"    plus the activations this GPU saves at batch {setup.batch}: "
             f"{format_bytes(shard['activations_bytes'])} (ZeRO does not shard them)"
         )
+        if "dry_run" in shard:
+            run = shard["dry_run"]
+            precision = " with bf16 mixed precision" if run["sharding"]["mixed_precision"] else ""
+            lines.append(
+                f"    the step's peak per GPU, FSDP2{precision} by dry run (gathered blocks and gradient buffers "
+                f"included; NCCL's buffers not): {format_bytes(run['peak_bytes'])}, at {run['peak_moment']}"
+            )
     if obj.get("first_step_peak_bytes") and setup.offload:
         lines.append(
             "  steady state: every step after the first; the optimizer state is in host memory but for tensors "

@@ -3,7 +3,9 @@
 ``vramlab fit llama-2-7b --gpu 80GiB --seq 2048 --recipe amp-bf16`` answers with the largest
 batch whose steady-state peak (:func:`vramlab.estimate`, every step after the first) leaves
 ``CONTEXT_HEADROOM`` free on the card. When batch 1 does not fit, it answers with the first
-rung of the decision guide (:func:`vramlab.planner.first_fit`) that does.
+rung of the decision guide (:func:`vramlab.planner.first_fit`) that does: by the guide's
+table of dry runs where it holds the set-up (the Llama-2 models at the sequence the guide
+uses), else by formula; the plan says which. ``fit`` never starts a dry run, nor imports torch.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 from .estimate import estimate
 from .hardware import CONTEXT_HEADROOM, fits
 from .models import ArchConfig, get_arch
-from .planner import Plan, first_fit
+from .planner import Plan, first_fit, tabulated
 from .results import TooLarge
 from .search import largest_passing
 from .setups import Setup
@@ -52,6 +54,7 @@ class Fit:
                 "recipe": self.plan.recipe,
                 "devices": self.plan.devices,
                 "bytes_per_device": self.plan.bytes_per_device,
+                "source": self.plan.source,
             }
         return out
 
@@ -70,7 +73,11 @@ class Fit:
         return (
             f"{head}\nbatch 1 does not fit ({peak} {format_bytes(self.peak_bytes)}); "
             f"the decision guide's first rung that fits (amp-bf16, batch 1, seq {self.setup.seq}): {rung}"
-            + (f", {format_bytes(plan.bytes_per_device)} per device" if plan is not None and plan.devices else "")
+            + (
+                f", {format_bytes(plan.bytes_per_device)} per device ({plan.source})"
+                if plan is not None and plan.devices
+                else ""
+            )
         )
 
 
@@ -100,6 +107,7 @@ def largest_batch(
 
     low = largest_passing(ok, 1, MAX_BATCH).largest  # doubling, then bisection
     if not low:
-        plan = None if setup.inference else first_fit(arch, gpu_bytes, batch=1, seq=setup.seq, headroom=headroom)
+        peaks = "dry-run" if tabulated(arch, 1, setup.seq) else "formula"  # no dry run on the spot: fit is instant
+        plan = None if setup.inference else first_fit(arch, gpu_bytes, 1, setup.seq, headroom, peaks)
         return Fit(arch.name, gpu_bytes, setup, 0, _peak(arch, setup, 1) or 0, headroom, plan)
     return Fit(arch.name, gpu_bytes, Setup.of(setup, batch=low), low, _peak(arch, setup, low) or 0, headroom)

@@ -21,7 +21,14 @@ allocator's cache), and ops run on other threads (a dispatch mode is thread-loca
 DataLoader's pin-memory thread is not seen; nor is another thread's ``optimizer.step()``,
 although PyTorch's step hooks are global). Growth in place (``resize_``, an ``out=`` that
 resizes) is counted, and offered to the allocation hooks just after it happened, since its
-size is known only then.
+size is known only then. So is ``UntypedStorage.resize_``, which no dispatch mode sees: FSDP2
+frees a gathered parameter with ``resize_(0)`` and gathers it again with ``resize_(size)``, so
+while a tracker is active that method is wrapped to report each resize to it.
+
+A caller that knows what a block of work makes (FSDP2's all-gather, its gradient reduction)
+says so with :meth:`StorageTracker.labelled`: storages born (or grown from nothing) in the block
+get that role and a finer ``part`` name, until a parameter, gradient or optimizer role given by
+registration overrides them.
 
 Work that a real run does in the host's memory (an optimizer offloaded to the CPU) says so
 with :func:`on_host`: while it is active no tracker records, adopts or limits anything, so a
@@ -78,6 +85,7 @@ class Record:
     phase: str
     op: str
     role: str | None = None
+    part: str | None = None  # a finer name given by StorageTracker.labelled ("gathered parameters")
 
     @property
     def resolved_role(self) -> str:
@@ -129,6 +137,7 @@ class StorageTracker(TorchDispatchMode):
         self.adopted_bytes = 0
         self.peak_bytes = 0
         self.peak_records: list[Record] = []
+        self._peak_sizes: list[int] = []  # each peak record's bytes at the peak (a resize may change it later)
         self.ops = 0
         self._live: dict[int, Record] = {}
         self._keys: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -137,6 +146,9 @@ class StorageTracker(TorchDispatchMode):
         self._phase_override: str | None = None
         self._hooks: list[Any] = []
         self._thread = threading.get_ident()
+        self._label: tuple[str, str] | None = None
+        self.moment: Callable[[], str] | None = None  # names where the step is, called at each new peak
+        self.peak_moment: str | None = None
 
     def add_alloc_hook(self, hook: AllocHook) -> None:
         """Call ``hook(in_use, request)`` (bytes) for every allocation; see :data:`AllocHook`."""
@@ -195,6 +207,29 @@ class StorageTracker(TorchDispatchMode):
             for tensor in tensors_in(state):
                 self._register_tensor(tensor, "optimizer")
 
+    @contextlib.contextmanager
+    def labelled(self, role: str, part: str) -> Iterator[None]:
+        """Storages born in the block, or grown there from zero bytes, get ``role`` (one of
+        :data:`~vramlab.results.ROLES`) and ``part``."""
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; use one of {ROLES}")
+        outer, self._label = self._label, (role, part)
+        try:
+            yield
+        finally:
+            self._label = outer
+
+    def label(self, tensor: torch.Tensor, role: str, part: str) -> None:
+        """Give the storages of ``tensor`` (known or not) ``role`` and ``part``."""
+        for record in self._register_tensor(tensor, role, "label") + self._known(tensor):
+            record.role, record.part = role, part
+        self._update_peak()
+
+    def _known(self, tensor: torch.Tensor) -> list[Record]:
+        if tensor.device.type != self.device_type:
+            return []
+        return [r for r in (self._keys.get(st) for st in real_storages(tensor)) if r is not None]
+
     def _on_grad(self, param: torch.Tensor) -> None:
         if param.grad is not None:
             self._register_tensor(param.grad, "gradients")
@@ -215,6 +250,8 @@ class StorageTracker(TorchDispatchMode):
                 continue
             if record is None:
                 record = Record(nbytes, self.phase, op, role)
+                if role is None and self._label is not None:
+                    record.role, record.part = self._label
                 key = next(self._counter)
                 self._live[key] = record
                 self._keys[storage] = record
@@ -223,7 +260,7 @@ class StorageTracker(TorchDispatchMode):
                 new.append(record)
             else:
                 if role is not None:
-                    record.role = role
+                    record.role, record.part = role, None  # a state's role, given by registration
                 if record.nbytes != nbytes:  # a storage resized in place
                     self.current_bytes += nbytes - record.nbytes
                     record.nbytes = nbytes
@@ -266,13 +303,43 @@ class StorageTracker(TorchDispatchMode):
         self._thread = threading.get_ident()
         self._hooks.append(optim_hooks.register_optimizer_step_pre_hook(self._step_pre))
         self._hooks.append(optim_hooks.register_optimizer_step_post_hook(self._step_post))
+        _watch_resizes(self)
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
         try:
             super().__exit__(*exc)
         finally:
+            _unwatch_resizes(self)
             self.close()
+
+    def _resized(self, storage: torch.UntypedStorage) -> None:
+        """``storage.resize_`` just ran in some thread: count the new size (an allocation if
+        the storage was unknown or empty, a free when it shrank to zero)."""
+        if threading.get_ident() != self._thread or _on_host():
+            return
+        if storage.device.type not in (self.device_type, "meta"):  # a fake tensor's storage is on meta
+            return
+        nbytes = self._rounded(storage.nbytes()) if storage.nbytes() else 0
+        record = self._keys.get(storage)
+        if record is None:
+            if not nbytes:
+                return
+            record = Record(0, self.phase, "resize_")
+            if self._label is not None:
+                record.role, record.part = self._label
+            key = next(self._counter)
+            self._live[key] = record
+            self._keys[storage] = record
+            weakref.finalize(storage, self._on_free, key)
+        elif record.nbytes == 0 and nbytes and record.role is None and self._label is not None:
+            record.role, record.part = self._label  # grown from nothing inside a labelled block
+        grown = nbytes - record.nbytes
+        if grown > 0 and self._alloc_hooks:
+            self._call_hooks(self.current_bytes, grown)
+        self.current_bytes += grown
+        record.nbytes = nbytes
+        self._update_peak()
 
     def _step_pre(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
         if threading.get_ident() == self._thread:  # the hooks are global: other threads' steps are not ours
@@ -361,15 +428,24 @@ class StorageTracker(TorchDispatchMode):
         if self.current_bytes > self.peak_bytes:
             self.peak_bytes = self.current_bytes
             self.peak_records = list(self._live.values())
+            self._peak_sizes = [record.nbytes for record in self.peak_records]
+            if self.moment is not None:
+                self.peak_moment = self.moment()
 
     # -- results ------------------------------------------------------------------------
-    def breakdown(self, records: list[Record] | None = None) -> dict[str, int]:
-        """Bytes by role of ``records`` (default: the storages alive now)."""
+    def breakdown(self, records: list[Record] | None = None, sizes: list[int] | None = None) -> dict[str, int]:
+        """Bytes by role of ``records`` (default: the storages alive now), of ``sizes`` if given
+        (one per record), else of each record's size now."""
         records = list(self._live.values()) if records is None else records
         result = dict.fromkeys(ROLES, 0)
-        for record in records:
-            result[record.resolved_role] += record.nbytes
+        for record, nbytes in zip(records, sizes if sizes is not None else [r.nbytes for r in records]):
+            result[record.resolved_role] += nbytes
         return result
+
+    def peak_items(self) -> list[tuple[Record, int]]:
+        """The storages alive at the peak, each with its bytes at that moment (its role is
+        the one known now: roles given after the peak count)."""
+        return list(zip(self.peak_records, self._peak_sizes))
 
     def live_records(self) -> list[Record]:
         """The storages alive now, one :class:`Record` each (a copy: safe to keep)."""
@@ -377,7 +453,32 @@ class StorageTracker(TorchDispatchMode):
 
     def peak_breakdown(self) -> dict[str, int]:
         """Bytes by role of the storages that were alive at the peak."""
-        return self.breakdown(self.peak_records)
+        return self.breakdown(self.peak_records, self._peak_sizes)
+
+
+_resize_watchers: list[StorageTracker] = []
+_plain_resize = torch.UntypedStorage.resize_
+
+
+def _tracked_resize(storage: torch.UntypedStorage, size: int) -> Any:
+    out = _plain_resize(storage, size)
+    for tracker in list(_resize_watchers):
+        tracker._resized(storage)
+    return out
+
+
+def _watch_resizes(tracker: StorageTracker) -> None:
+    """Report every ``UntypedStorage.resize_`` to ``tracker`` until :func:`_unwatch_resizes`
+    (the method is wrapped while any tracker is active, and restored after the last)."""
+    _resize_watchers.append(tracker)
+    torch.UntypedStorage.resize_ = _tracked_resize  # type: ignore[method-assign]
+
+
+def _unwatch_resizes(tracker: StorageTracker) -> None:
+    if tracker in _resize_watchers:
+        _resize_watchers.remove(tracker)
+    if not _resize_watchers:
+        torch.UntypedStorage.resize_ = _plain_resize  # type: ignore[method-assign]
 
 
 def _written_storages(func: Any, args: tuple, kwargs: dict, device_type: str) -> Iterator[torch.UntypedStorage]:

@@ -1,0 +1,156 @@
+"""The sharded dry run (vramlab.sharded): one fake rank of FSDP2 / TP equals a real gloo rank of
+the same step, its breakdown adds up, storage resizes are counted, bad flags get one line, and
+the decision guide's sharded plans are dry-run fits."""
+
+import json
+
+import pytest
+import torch
+
+from tiny_archs import SMALL_LLAMA
+from vramlab.cli import main
+from vramlab.distributed import launch
+from vramlab.planner import DEVICE_SIZES, dry_run_rung, first_fit, peak_table, rung_key
+from vramlab.setups import Setup
+from vramlab.sharded import PARTS, real_rank, sharded_dryrun
+from vramlab.tracker import StorageTracker
+
+ARCH = SMALL_LLAMA
+
+
+@pytest.mark.parametrize(
+    ("sharding", "checkpointing"),
+    [
+        (dict(gpus=2), False),
+        (dict(gpus=2, reshard_after_forward=False), False),
+        (dict(gpus=2, mixed_precision="bf16"), True),
+        (dict(gpus=4, tp=2, mixed_precision="bf16"), False),
+    ],
+)
+def test_a_fake_rank_equals_a_real_gloo_rank_within_1_percent(sharding, checkpointing):
+    """Issue 26's validation: the same step on real gloo ranks, measured by the same tracker."""
+    setup = Setup(batch=2, seq=48, checkpointing=checkpointing)
+    fake = sharded_dryrun(ARCH, setup, **sharding)
+    real = launch(real_rank, sharding["gpus"], args=(ARCH, setup, sharding), timeout_s=300)
+    assert abs(fake.peak_bytes - real[0]["peak_bytes"]) <= 0.01 * real[0]["peak_bytes"]
+    assert abs(fake.first_step_peak_bytes - real[0]["first_step_peak_bytes"]) <= 0.01 * real[0]["peak_bytes"]
+    assert fake.peak_bytes == max(r["peak_bytes"] for r in real)  # rank 0 is the worst rank
+    assert fake.parts == real[0]["parts"] and fake.peak_moment == real[0]["peak_moment"]
+
+
+def test_the_breakdown_adds_up_and_names_fsdp2s_buffers():
+    run = sharded_dryrun(ARCH, Setup(batch=2, seq=48, checkpointing=True), gpus=4, mixed_precision="bf16")
+    assert sum(run.parts.values()) == sum(run.breakdown.values()) == run.peak_bytes
+    assert set(run.parts) == set(PARTS) and run.source == "dry-run"
+    whole = sum(p.numel() for p in torch.nn.Module.parameters(_built(ARCH)))
+    assert run.params == whole
+    assert run.parts["gradient buffers"] > 0 and run.parts["gathered parameters"] > 0
+    out = run.to_json()
+    assert out["sharding"]["gpus"] == 4 and out["peak_bytes"] == run.peak_bytes and out["parts"] == run.parts
+
+
+def _built(arch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from vramlab.dryrun import build_hf_model
+
+    with FakeTensorMode():
+        return build_hf_model(arch)
+
+
+def test_more_ranks_hold_smaller_shards_and_keeping_gathered_blocks_costs_memory():
+    setup = Setup(batch=1, seq=32)
+    two, four = (sharded_dryrun(ARCH, setup, gpus=n) for n in (2, 4))
+    assert four.peak_bytes < two.peak_bytes
+    kept = sharded_dryrun(ARCH, setup, gpus=4, reshard_after_forward=False)
+    assert kept.peak_bytes > four.peak_bytes
+
+
+def test_the_tracker_counts_storage_resizes_and_labels():
+    """FSDP2 frees and regathers through UntypedStorage.resize_, which no dispatch mode sees."""
+    t = torch.empty(1000)
+    with StorageTracker("cpu") as tracker:
+        tracker.register(t)
+        assert tracker.current_bytes == 4000
+        t.untyped_storage().resize_(0)
+        assert tracker.current_bytes == 0
+        with tracker.labelled("parameters", "gathered parameters"):
+            t.untyped_storage().resize_(8000)
+        assert tracker.current_bytes == tracker.peak_bytes == 8000
+        fresh = torch.empty(0)
+        with tracker.labelled("gradients", "gradient buffers"):
+            fresh.untyped_storage().resize_(400)
+        assert [(r.role, r.part) for r in tracker.live_records()][-1] == ("gradients", "gradient buffers")
+    assert torch.UntypedStorage.resize_.__name__ == "resize_"  # restored after the last tracker
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["dryrun", "llama-2-7b", "--gpus", "6", "--fsdp", "--tp", "4"], "not a multiple of --tp 4"),
+        (["dryrun", "llama-2-7b", "--gpus", "24", "--fsdp", "--tp", "3"], "does not divide"),
+        (["dryrun", "llama-2-7b", "--gpus", "8", "--fsdp", "--tp", "8", "--cpu-offload"], "--cpu-offload with --tp"),
+        (["dryrun", "llama-2-7b", "--gpus", "8", "--fsdp", "--cpu-offload"], "not modelled"),
+        (["dryrun", "gpt2", "--gpus", "4", "--fsdp", "--tp", "2"], "fuses its attention projection"),
+        (["dryrun", "llama-2-7b", "--gpus", "8", "--tp", "2"], "add --fsdp"),
+        (["dryrun", "llama-2-7b", "--fsdp"], "needs --gpus"),
+        (["dryrun", "llama-2-7b", "--gpus", "0", "--fsdp"], "1 or more"),
+        (["estimate", "llama-2-7b", "--tp", "2"], "does not take --tp"),
+        (["dryrun", "llama-2-7b", "--gpus", "8", "--fsdp", "--recipe", "amp-fp16"], "sharded GradScaler"),
+        (["dryrun", "llama-2-7b", "--gpus", "8", "--fsdp", "--optimizer", "adamw-8bit"], "no sharded dry-run"),
+        (["dryrun", "llama-2-7b", "--gpus", "8", "--fsdp", "--inference"], "full training step"),
+        (["estimate", "llama-2-7b", "--gpus", "8", "--zero", "2", "--dry-run-peak"], "--zero 3"),
+    ],
+)
+def test_bad_sharding_flags_get_one_line(argv, words, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vramlab: error:") and words in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_cli_prints_one_ranks_peak_and_estimate_shows_it_beside_the_formula(capsys):
+    assert main(["dryrun", "gpt2", "--gpus", "4", "--fsdp", "--seq", "64", "--mixed-precision", "bf16", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["source"] == "dry-run" and out["sharding"]["mixed_precision"] == "bf16"
+    assert sum(out["parts"].values()) == out["peak_bytes"] == sum(out["breakdown"].values())
+    argv = ["estimate", "gpt2", "--seq", "64", "--recipe", "amp-bf16", "--gpus", "4", "--zero", "3", "--dry-run-peak"]
+    assert main([*argv, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)["per_gpu"]["dry_run"]
+    assert shown["peak_bytes"] == out["peak_bytes"]  # amp-bf16 is FSDP2's bf16 policy there
+    assert main(argv) == 0
+    assert "by dry run" in capsys.readouterr().out
+
+
+def test_every_sharded_plan_of_the_guide_is_a_dry_run_fit():
+    """The guide's plans come from the shipped table of dry runs, with the stated headroom."""
+    from vramlab.hardware import CONTEXT_HEADROOM
+
+    for model in ("llama-2-7b", "llama-2-13b", "llama-2-70b"):
+        for size in DEVICE_SIZES.values():
+            plan = first_fit(model, size)
+            assert plan.devices, (model, size)
+            assert plan.bytes_per_device + CONTEXT_HEADROOM <= size
+            if plan.recipe != "+ 8-bit AdamW":
+                assert plan.source == "dry-run"
+            if plan.devices > 1:
+                tp = 8 if "TP" in plan.recipe else 1
+                entry = peak_table()[rung_key(model, plan.devices, tp, 1, 2048, True)]
+                assert entry["peak_bytes"] == plan.bytes_per_device
+
+
+def test_the_table_holds_what_the_dry_run_measures_now():
+    """A sample of the shipped table, run again: the 7B rungs on one and two devices, and the
+    70B plan for 24 GB cards (the plan issue 26 corrected)."""
+    plan = first_fit("llama-2-70b", DEVICE_SIZES["24 GB"])
+    samples = [("llama-2-7b", 1, 1, True), ("llama-2-7b", 2, 1, True)]
+    samples.append(("llama-2-70b", plan.devices, 8 if "TP" in plan.recipe else 1, True))
+    for model, devices, tp, checkpointing in samples:
+        key = rung_key(model, devices, tp, 1, 2048, checkpointing)
+        from vramlab import planner
+
+        fresh = planner._run_rung(model, devices, 1, 2048, tp, checkpointing)
+        assert fresh["peak_bytes"] == peak_table()[key]["peak_bytes"], key
+    assert (
+        dry_run_rung("llama-2-7b", 2)["peak_bytes"]
+        == peak_table()[rung_key("llama-2-7b", 2, 1, 1, 2048, True)]["peak_bytes"]
+    )
