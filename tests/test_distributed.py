@@ -245,7 +245,7 @@ def test_sharded_rungs_are_fsdp2_with_adamw_and_the_formula_walks_the_same_ladde
     for model in ("llama-2-7b", "llama-2-13b", "llama-2-70b"):
         for size in DEVICE_SIZES.values():
             plan, formula = first_fit(model, size), first_fit(model, size, peaks="formula")
-            assert formula.source == "formula" and plan.source in ("dry-run", "formula")
+            assert formula.source == "formula" and plan.source == "dry-run"
             assert plan.devices == 1 or plan.recipe.startswith("FSDP2"), plan
     with pytest.raises(ValueError, match="unknown peaks"):
         first_fit("llama-2-7b", DEVICE_SIZES["80 GB"], peaks="guess")

@@ -130,8 +130,7 @@ def test_every_sharded_plan_of_the_guide_is_a_dry_run_fit():
             plan = first_fit(model, size)
             assert plan.devices, (model, size)
             assert plan.bytes_per_device + CONTEXT_HEADROOM <= size
-            if plan.recipe != "+ 8-bit AdamW":
-                assert plan.source == "dry-run"
+            assert plan.source == "dry-run"
             if plan.devices > 1:
                 tp = 8 if "TP" in plan.recipe else 1
                 entry = peak_table()[rung_key(model, plan.devices, tp, 1, 2048, True)]

@@ -1,23 +1,22 @@
 """Which recipe first fits a training job on a given GPU, and on how many: a decision guide.
 
-The ladder, cheapest first (each rung adds to the one before):
+The ladder, cheapest first (each rung adds to the one before), all with torch's AdamW:
 
-1. bf16 mixed precision (amp-bf16, AdamW) on one device;
+1. bf16 mixed precision (amp-bf16) on one device;
 2. + activation checkpointing;
-3. + 8-bit AdamW (one device);
-4. FSDP2 over 2, 4, ... 64 devices, with activation checkpointing and FSDP2's bf16
-   ``MixedPrecisionPolicy`` (fp32 shards, bf16 compute, fp32 gradient reduction) and torch's
-   AdamW: the 8-bit state does not carry over, because an 8-bit optimizer over FSDP2's DTensor
-   shards has no dry-run path, and the guide calls a sharded plan a fit only when the dry run of
-   that exact step says so;
-5. the same with 8-way tensor parallelism inside each node of 8, over 8, 16, ... 512 devices.
+3. FSDP2 over 2, 4, ... 64 devices, with activation checkpointing and FSDP2's bf16
+   ``MixedPrecisionPolicy`` (fp32 shards, bf16 compute, fp32 gradient reduction);
+4. the same with 8-way tensor parallelism inside each node of 8, over 8, 16, ... 512 devices.
+
+8-bit AdamW is not a rung: bitsandbytes' step cannot run on fake tensors, and the guide calls a
+plan a fit only when a dry run of that exact step says so (chapter 15 shows what 8-bit state
+would change, by formula, beside the plans).
 
 Each rung's per-device peak comes from ``peaks``:
 
-- ``"dry-run"`` (the default): rungs 1, 2, 4 and 5 are dry runs of the real step
-  (:func:`vramlab.dryrun.dryrun` on one device, :func:`vramlab.sharded.sharded_dryrun` for one
-  rank of the sharded ones: steady state, gathered blocks and gradient buffers included); rung 3
-  is the formula (bitsandbytes' step cannot run on fake tensors). The guide's own set-ups (batch
+- ``"dry-run"`` (the default): dry runs of the real step (:func:`vramlab.dryrun.dryrun` on one
+  device, :func:`vramlab.sharded.sharded_dryrun` for one rank of the sharded rungs: steady
+  state, gathered blocks and gradient buffers included). The guide's own set-ups (batch
   1, sequence 2048, the Llama-2 models) are read from a table the dry runs wrote
   (``data/plan_peaks.json``, rewritten by ``python -m vramlab.planner --write``); any other
   set-up is dry-run on the spot (seconds to a minute per rung).
@@ -190,23 +189,10 @@ def first_fit(
     name = _model_name(model)
     if peaks == "dry-run" and isinstance(model, ArchConfig) and get_arch(name) != model:
         raise ValueError(f"{name} is not the registry's {name}: dry-run plans take registry models")
-    one_device: list[tuple[str, Any, str]] = [
-        ("bf16 mixed precision", lambda: _single(name, batch, seq, False, peaks), peaks),
-        ("+ checkpointing", lambda: _single(name, batch, seq, True, peaks), peaks),
-        (
-            "+ 8-bit AdamW",
-            lambda: (
-                estimate(
-                    name, batch=batch, seq=seq, recipe="amp-bf16", optimizer="adamw-8bit", checkpointing=True
-                ).peak_bytes
-            ),
-            "formula",
-        ),
-    ]
-    for recipe, need, source in one_device:
-        peak = need()
+    for recipe, checkpointing in (("bf16 mixed precision", False), ("+ checkpointing", True)):
+        peak = _single(name, batch, seq, checkpointing, peaks)
         if fits(peak, device_bytes, headroom):
-            return Plan(recipe, 1, peak, source)
+            return Plan(recipe, 1, peak, peaks)
     for tp, devices, last, recipe in (
         (1, 2, MAX_DEVICES, "FSDP2 + ckpt"),
         (TENSOR_PARALLEL, TENSOR_PARALLEL, MAX_DEVICES_WITH_TP, f"FSDP2 + {TENSOR_PARALLEL}-way TP + ckpt"),
