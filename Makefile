@@ -19,7 +19,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml $(CONSTRAINTS)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[test,lab,optim,compress,gpu,site]"
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[test,lab,optim,compress,gpu,site,checkpoints]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,6 +1,7 @@
 """The ``vramlab`` command: quick answers outside notebooks.
 
     vramlab models
+    vramlab weights  org/model[@revision]   # a checkpoint's stored bytes by dtype (also a file or folder)
     vramlab estimate llama-2-7b --batch 1 --seq 4096 --recipe amp-bf16 [--json]
     vramlab dryrun   llama-2-7b --batch 1 --seq 4096 --recipe amp-bf16 [--json]
     vramlab fit      llama-2-7b --gpu 80GiB --seq 2048 --recipe amp-bf16 [--json]
@@ -44,6 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list the architectures in the registry").add_argument(
         "--json", action="store_true", help="print one JSON list"
     )
+    weights = sub.add_parser("weights", help="the bytes a checkpoint stores, by dtype, from its headers")
+    weights.add_argument("source", help="a .safetensors, .gguf or index file, a folder, or a Hub id org/model[@rev]")
+    weights.add_argument("--timeout", type=float, default=10.0, help="seconds per Hub request (default 10)")
+    weights.add_argument("--json", action="store_true", help="print one JSON object")
     for name, text in (
         ("estimate", "closed-form estimate (instant)"),
         ("dryrun", "exact allocation trace on fake tensors"),
@@ -355,6 +360,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "models":
             return _write(json.dumps(_models_json(), indent=2) if args.json else _models())
+        if args.command == "weights":
+            from .checkpoints import stored_weights
+
+            stored = stored_weights(args.source, timeout=args.timeout)
+            return _write(json.dumps(stored.to_json(), indent=2) if args.json else str(stored))
         obj = _run(args)
     except (ValueError, KeyError, FileNotFoundError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
