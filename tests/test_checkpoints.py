@@ -185,3 +185,59 @@ def test_the_cli_prints_stored_bytes(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("vramlab: error:") and len(err.strip().splitlines()) == 1
     assert isinstance(stored_weights(tmp_path / "ckpt"), StoredWeights)
+
+
+def _llama_checkpoint(folder, quantized: bool):
+    """A 2-block Llama checkpoint: bf16, or GPTQ-shaped (4-bit, group 32) with bf16 embeddings,
+    head and norms; returns its stored bytes."""
+    from vramlab.estimate import param_count
+    from vramlab.models import from_hf_config
+
+    config = {"model_type": "llama", "hidden_size": HIDDEN, "vocab_size": VOCAB, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128,
+              "max_position_embeddings": 256, "tie_word_embeddings": False}  # fmt: skip
+    if quantized:
+        config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": GROUP}
+    arch = from_hf_config(config)
+    tensors = dict(_plain())
+    from vramlab.estimate import linear_shapes
+
+    for layer in range(2):
+        for name, (out, inp) in linear_shapes(arch).items():
+            key = f"model.layers.{layer}.{name}"
+            if quantized:
+                tensors[f"{key}.qweight"] = torch.zeros(inp // 8, out, dtype=torch.int32)
+                tensors[f"{key}.scales"] = torch.ones(inp // GROUP, out, dtype=torch.float16)
+            else:
+                tensors[f"{key}.weight"] = torch.zeros(out, inp, dtype=torch.bfloat16)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            tensors[f"model.layers.{layer}.{norm}.weight"] = torch.ones(HIDDEN, dtype=torch.bfloat16)
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file(tensors, str(folder / "model.safetensors"))
+    assert quantized or sum(t.numel() for t in tensors.values()) == param_count(arch)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def test_estimate_sizes_a_quantized_checkpoint_by_its_stored_bytes(tmp_path, capsys):
+    from vramlab import estimate
+    from vramlab.models import from_hf_config
+
+    stored = _llama_checkpoint(tmp_path / "gptq", quantized=True)
+    assert main(["estimate", str(tmp_path / "gptq"), "--inference", "--seq", "64", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    plain = estimate(from_hf_config(tmp_path / "gptq" / "config.json"), inference=True, seq=64, recipe="bf16")
+    assert out["breakdown"]["parameters"] == stored < plain.breakdown["parameters"]
+    assert out["peak_bytes"] - stored == plain.peak_bytes - plain.breakdown["parameters"]  # same activations, cache
+    assert out["details"]["quantization"] == "gptq 4-bit, group size 32"
+    assert main(["estimate", str(tmp_path / "gptq"), "--seq", "64"]) == 2
+    assert "--inference" in capsys.readouterr().err
+    assert main(["fit", str(tmp_path / "gptq"), "--gpu", "16GiB"]) == 2
+    assert "quantized" in capsys.readouterr().err
+
+
+def test_an_unquantized_checkpoint_is_its_config_and_stores_its_parameters(tmp_path, capsys):
+    stored = _llama_checkpoint(tmp_path / "bf16", quantized=False)
+    assert main(["estimate", str(tmp_path / "bf16"), "--inference", "--seq", "64", "--recipe", "bf16", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["details"]["stored_bytes"] == stored == out["breakdown"]["parameters"]  # bf16 as stored

@@ -326,3 +326,52 @@ class _hub_errors:
         else:
             return False
         raise ValueError(message) from None
+
+
+# -- sizing the model a checkpoint holds ----------------------------------------------------
+
+DEQUANTIZES = {"bitsandbytes 4-bit"}  # bitsandbytes' 4-bit matmul dequantizes the whole weight (prefill)
+
+
+def checkpoint_estimate(stored: StoredWeights, setup: Any) -> Any:
+    """:func:`vramlab.estimate` of the model ``stored`` holds, with its stored bytes.
+
+    Unquantized: the usual estimate of the config's architecture under ``setup`` (the recipe
+    says how it is loaded), with the stored bytes in ``details``. Quantized (the config declares
+    ``quantization_config``): inference only; the weights are the stored bytes, and the
+    activations and KV cache are the formula's in 16-bit compute (fp16 and bf16 have the same
+    sizes). For bitsandbytes 4-bit, add the bf16 copy of the largest weight that its matmul
+    dequantizes during a prefill. Not counted: workspaces of the GPTQ, AWQ and FP8 kernels.
+    """
+    from .estimate import estimate, linear_shapes
+    from .models import from_hf_config
+
+    if stored.config is None:
+        raise ValueError(f"{stored.source}: no config.json beside the weights, so its shapes are unknown")
+    arch = from_hf_config(stored.config, name=stored.source)
+    details = {"stored_bytes": stored.total_bytes, "quantization": stored.quantization or "none"}
+    if stored.quantization is None:
+        est = estimate(arch, setup)
+        est.details.update(details)
+        return est
+    if not setup.inference:
+        raise ValueError(
+            f"{stored.source} is quantized ({stored.quantization}): it is sized for inference (--inference); "
+            "fine-tuning a quantized base is QLoRA (`vramlab estimate MODEL --qlora RANK --checkpointing`)"
+        )
+    if setup.recipe not in ("fp32", "bf16"):  # fp32 is the default: no recipe was given
+        raise ValueError(f"{stored.source} is quantized: its compute dtype is fixed (16-bit); drop --recipe")
+    est = estimate(arch, setup.__class__(**{**setup.to_json(), "recipe": "bf16"}))
+    extra = stored.total_bytes - est.breakdown["parameters"]
+    if stored.quantization.startswith(tuple(DEQUANTIZES)):
+        copy = 2 * max(o * i for o, i in linear_shapes(arch).values())
+        details["dequantized_copy_bytes"] = copy
+        extra_other = copy
+    else:
+        extra_other = 0
+    est.breakdown["parameters"] = stored.total_bytes
+    est.breakdown["other"] += extra_other
+    est.peak_bytes += extra + extra_other
+    est.moments = {name: total + extra + extra_other for name, total in est.moments.items()}
+    est.details.update(details)
+    return est

@@ -117,13 +117,38 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _arch(args: argparse.Namespace) -> Any:
+def _checkpoint(args: argparse.Namespace) -> Any:
+    """The checkpoint ``args.model`` names (a path here or a Hub id, not a registry name), or None."""
+    from pathlib import Path
+
+    from .checkpoints import HUB_ID
+
+    name = args.model
+    if not name or name.strip().lower() in REGISTRY or not (Path(name).exists() or HUB_ID.match(name)):
+        return None
+    from .checkpoints import stored_weights
+
+    return stored_weights(name)
+
+
+def _arch(args: argparse.Namespace, stored: Any = None) -> Any:
     if args.config and args.model:
         raise ValueError("give a model name or --config, not both")
     if args.config:
         return load_config(args.config)
     if not args.model:
         raise ValueError("name a model (see 'vramlab models') or pass --config config.json")
+    if stored is not None:
+        if stored.config is None:
+            raise ValueError(f"{stored.source}: no config.json beside the weights, so its shapes are unknown")
+        if stored.quantization and args.command != "estimate":
+            raise ValueError(
+                f"{stored.source} is quantized ({stored.quantization}): `vramlab estimate --inference` sizes it; "
+                f"`{args.command}` builds the unquantized model"
+            )
+        from .models import from_hf_config
+
+        return from_hf_config(stored.config, name=stored.source)
     return get_arch(args.model)
 
 
@@ -225,7 +250,8 @@ def _sharded_run(args: argparse.Namespace, arch: Any, setup: Setup) -> dict[str,
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
     _estimate_only(args)
-    arch = _arch(args)
+    stored = _checkpoint(args)
+    arch = _arch(args, stored)
     if args.qlora is not None:
         from .estimate import qlora_estimate
 
@@ -248,7 +274,12 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     if args.command == "estimate":
         from .estimate import estimate
 
-        est = estimate(arch, setup)
+        if stored is not None:
+            from .checkpoints import checkpoint_estimate
+
+            est = checkpoint_estimate(stored, setup)
+        else:
+            est = estimate(arch, setup)
         out = est.to_json()
         if args.gpus is not None:
             out["per_gpu"] = _sharded(arch, setup, args.gpus, args.zero)
@@ -282,6 +313,21 @@ def _table(obj: dict[str, Any]) -> str:
         rank = obj["details"]["rank"]
         lines.insert(2, f"  QLoRA: NF4 base weights, rank-{rank} LoRA adapters trained in fp32 with AdamW")
         lines.insert(3, "  the 'peak' is what stays resident across a step; the backward's working set comes on top")
+    if "stored_bytes" in obj.get("details", {}):
+        info = obj["details"]
+        lines.insert(
+            2, f"  checkpoint: {format_bytes(info['stored_bytes'])} stored; quantization: {info['quantization']}"
+        )
+        if info["quantization"] != "none":
+            lines.insert(3, "  parameters = the stored bytes; activations and KV cache in 16-bit compute")
+            if "dequantized_copy_bytes" in info:
+                lines.insert(
+                    4,
+                    f"  other includes the {format_bytes(info['dequantized_copy_bytes'])} bf16 weight "
+                    "bitsandbytes dequantizes for a prefill's matmul",
+                )
+            else:
+                lines.insert(4, "  not counted: workspaces of the quantized matmul kernels")
     if obj.get("details", {}).get("model_type"):
         from .anymodel import describe
 
