@@ -275,3 +275,25 @@ def test_int4_packed_refuses_clearly_where_it_cannot_run(monkeypatch):
     assert "8.0" in Q.int4_packed_unavailable() and "7.5" in Q.int4_packed_unavailable()
     with pytest.raises(ValueError, match="group sizes"):
         Q.int4_packed_bytes(8, 8, group=48)
+
+
+def test_gptq_tensors_store_the_codes_in_gptqs_layout():
+    """Unpacking qweight and qzeros gives back round-to-nearest (to fp16 scales), and the bytes
+    are the format's plus g_idx's 4 per input column."""
+    from vramlab import calibrated as C
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    t = C.gptq_tensors(w)
+    assert {k: tuple(v.shape) for k, v in t.items()} == {
+        "qweight": (32, 64), "qzeros": (2, 8), "scales": (2, 64), "g_idx": (256,)
+    }  # fmt: skip
+    words = t["qweight"].to(torch.int64) & 0xFFFFFFFF
+    codes = torch.stack([(words >> (4 * j)) & 15 for j in range(8)], dim=1).reshape(256, 64).t()
+    zwords = t["qzeros"].to(torch.int64) & 0xFFFFFFFF
+    zeros = torch.stack([(zwords >> (4 * j)) & 15 for j in range(8)], dim=-1).reshape(2, 64).t()
+    back = (codes.float().reshape(64, 2, 128) - zeros.float().unsqueeze(-1)) * t["scales"].t().float().unsqueeze(-1)
+    assert (back.reshape(64, 256) - C.rtn(w)).abs().max() < 2e-3  # fp16 scales
+    assert sum(v.numel() * v.element_size() for v in t.values()) == C.group_bytes(64, 256) + 4 * 256
+    with pytest.raises(ValueError, match="multiple of 8"):
+        C.gptq_tensors(torch.randn(60, 256))

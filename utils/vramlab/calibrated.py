@@ -112,3 +112,32 @@ def output_error(w: torch.Tensor, approx: torch.Tensor, x: torch.Tensor) -> floa
     """Relative error of the layer's outputs on ``x``: ‖x·approxᵀ − x·wᵀ‖ / ‖x·wᵀ‖."""
     ref = x.float() @ w.float().T
     return ((x.float() @ approx.float().T - ref).norm() / ref.norm()).item()
+
+
+def _pack4(codes: torch.Tensor) -> torch.Tensor:
+    """Pack 4-bit codes (..., 8k) along the last dimension into int32 words (..., k), code j of
+    a word in bits 4j to 4j + 3."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64)
+    words = (codes.to(torch.int64).reshape(*codes.shape[:-1], -1, 8) << shifts).sum(dim=-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def gptq_tensors(w: torch.Tensor, group: int = 128) -> dict[str, torch.Tensor]:
+    """``w`` (out, in) as a 4-bit GPTQ checkpoint stores a linear, with round-to-nearest codes
+    (any method's codes take the same bytes): ``qweight`` int32 (in/8, out), eight codes per
+    word along the input; ``qzeros`` int32 (in/group, out/8); ``scales`` fp16 (in/group, out);
+    ``g_idx`` int32 (in,), each input column's group. The zero points are stored as they are
+    (GPTQ's "v2" convention; v1 stores zero - 1: the same bytes)."""
+    _check(w, 4, group)
+    out, inp = w.shape
+    if out % 8:
+        raise ValueError(f"GPTQ packs eight zero points per word along the outputs; {out} is not a multiple of 8")
+    rows = w.float().reshape(-1, group)
+    scale, zero = _grid(rows, 4)
+    codes = torch.clamp(torch.round(rows / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, 15).reshape(out, inp)
+    return {
+        "qweight": _pack4(codes.t().reshape(inp // 8, 8, out).transpose(1, 2)).squeeze(-1),
+        "qzeros": _pack4(zero.reshape(out, inp // group).t()),
+        "scales": scale.reshape(out, inp // group).t().to(torch.float16).contiguous(),
+        "g_idx": (torch.arange(inp) // group).to(torch.int32),
+    }
