@@ -251,27 +251,40 @@ def test_sharded_rungs_are_fsdp2_with_adamw_and_the_formula_walks_the_same_ladde
         first_fit("llama-2-7b", DEVICE_SIZES["80 GB"], peaks="guess")
 
 
-def test_zero3_counts_fsdp2s_gradient_buffers_and_the_gather_copy_out():
-    """Review part 3, finding 1: per block, FSDP2 holds the bf16 unsharded gradients and the fp32
-    reduce-scatter input (6 B per parameter of a 70B block: 4.78 GiB), and the prefetched block's
-    all-gather output beside two gathered blocks. With them, ZeRO-3 alone no longer fits 70B on
-    64 x 24 GB cards (the old formula had 20.36 GiB: "just fits"); the TP rung does, on 32. The
-    activations follow the bf16 policy that the gathered weights and gradient buffers assume."""
+def test_zero3_counts_fsdp2s_gradient_buffers_the_gather_copy_out_and_the_root():
+    """Review part 3, finding 1, and the issue-26 review: per block, FSDP2 holds the bf16
+    unsharded gradients and the fp32 reduce-scatter input (6 B per parameter of a 70B block:
+    4.78 GiB), and the prefetched block's all-gather output beside two gathered blocks; the
+    root (embeddings, LM head, norms) stays gathered, and its gradient path comes on top. Under
+    tensor parallelism (no sequence parallelism) only the blocks' linears split."""
     from vramlab import get_arch
     from vramlab.estimate import linear_shapes
     from vramlab.planner import zero3_bytes_per_device, zero3_terms
 
-    block = sum(o * i for o, i in linear_shapes(get_arch("llama-2-70b")).values())
+    arch = get_arch("llama-2-70b")
+    block = sum(o * i for o, i in linear_shapes(arch).values())
+    rest = E.param_count(arch) - arch.num_layers * block
     assert block == 855_638_016
     terms = zero3_terms("llama-2-70b", 64, 1, 2048)
-    assert terms["gradient buffers"] == 6 * block and terms["gathered weights"] == 6 * block
+    assert terms["gradient buffers"] == 6 * block + 6 * rest and terms["gathered weights"] == 6 * block + 2 * rest
     assert sum(terms.values()) == zero3_bytes_per_device("llama-2-70b", 64, 1, 2048)
     assert sum(terms.values()) + 2**29 > DEVICE_SIZES["24 GB"]
     plan = first_fit("llama-2-70b", DEVICE_SIZES["24 GB"])
     assert "TP" in plan.recipe and plan.source == "dry-run"
     assert terms["checkpointed inputs"] == E.activation_bytes("llama-2-70b", 1, 2048, "bf16", checkpointing=True)
     tp = zero3_terms("llama-2-70b", 64, 1, 2048, tensor_parallel=8)
-    assert tp["gradient buffers"] == 6 * block // 8 and tp["sharded states"] == terms["sharded states"]
+    assert tp["gradient buffers"] == 6 * block // 8 + 6 * rest
+    assert tp["checkpointed inputs"] == terms["checkpointed inputs"]
+    assert tp["sharded states"] > terms["sharded states"]  # the embeddings and head are sharded over 8, not 64
+
+
+def test_the_state_formula_is_an_upper_bound_on_every_sharded_rungs_dry_run():
+    from vramlab.planner import guide_rungs, peak_table, rung_key, zero3_bytes_per_device
+
+    for model, devices, tp in guide_rungs():
+        if devices > 1:
+            dry = peak_table()[rung_key(model, devices, tp, 1, 2048, True)]["peak_bytes"]
+            assert dry <= zero3_bytes_per_device(model, devices, 1, 2048, tp) <= 2 * dry, (model, devices, tp)
 
 
 def test_one_bigger_gpu_is_in_the_guide():

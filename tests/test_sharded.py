@@ -153,3 +153,36 @@ def test_the_table_holds_what_the_dry_run_measures_now():
         dry_run_rung("llama-2-7b", 2)["peak_bytes"]
         == peak_table()[rung_key("llama-2-7b", 2, 1, 1, 2048, True)]["peak_bytes"]
     )
+
+
+def test_the_resize_watch_keeps_another_tools_patch_and_asks_the_budget_first():
+    """Review finding: a tracker entered inside another resize_ patcher (PyTorch's MemTracker)
+    must call that patch and leave it installed; a budget hook sees a growth before it happens;
+    a real meta tensor's storage is not device memory."""
+    plain, seen = torch.UntypedStorage.resize_, []
+
+    def other(storage, size):
+        seen.append(size)
+        return plain(storage, size)
+
+    torch.UntypedStorage.resize_ = other
+    try:
+        t = torch.empty(10)
+        with StorageTracker("cpu") as tracker:
+            tracker.register(t)
+            t.untyped_storage().resize_(80)
+            assert tracker.current_bytes == 80
+
+            def refuse(in_use, request):
+                raise MemoryError(f"{request} more bytes")
+
+            tracker.add_alloc_hook(refuse)
+            with pytest.raises(MemoryError, match="80 more bytes"):
+                t.untyped_storage().resize_(160)
+            assert t.untyped_storage().nbytes() == 80 and tracker.current_bytes == 80  # refused before it grew
+            meta = torch.empty(0, device="meta")
+            meta.untyped_storage().resize_(4000)
+            assert tracker.current_bytes == 80
+        assert seen == [80, 4000] and torch.UntypedStorage.resize_ is other  # the other patch ran (not for 160)
+    finally:
+        torch.UntypedStorage.resize_ = plain

@@ -124,49 +124,55 @@ def _run_rung(model: str, devices: int, batch: int, seq: int, tensor_parallel: i
 
 
 def zero3_bytes_per_device(
-    model: str, devices: int, batch: int, seq: int, tensor_parallel: int = 1, optimizer: str = "adamw-8bit"
+    model: str, devices: int, batch: int, seq: int, tensor_parallel: int = 1, optimizer: str = "adamw"
 ) -> int:
-    """Formula bytes per device of amp-bf16 training with checkpointing under ZeRO-3: the sum
-    of :func:`zero3_terms` (see there for what each term holds)."""
+    """Formula bytes per device of the guide's sharded rungs: the sum of :func:`zero3_terms`
+    (see there for what each term holds), an upper bound on the dry run's peak."""
     return sum(zero3_terms(model, devices, batch, seq, tensor_parallel, optimizer).values())
 
 
 def zero3_terms(
-    model: str, devices: int, batch: int, seq: int, tensor_parallel: int = 1, optimizer: str = "adamw-8bit"
+    model: str, devices: int, batch: int, seq: int, tensor_parallel: int = 1, optimizer: str = "adamw"
 ) -> dict[str, int]:
-    """Formula bytes per device of bf16 mixed-precision training with checkpointing under
-    ZeRO-3 (FSDP2 with ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``,
-    chapter 14's policy: fp32 sharded weights, gradients and state; the forward and backward
-    run on gathered bf16 weights, so activations are those of the "bf16" recipe), by term:
+    """Formula bytes per device of the guide's sharded rungs (FSDP2 with
+    ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``, chapter 14's policy:
+    fp32 sharded weights, gradients and state; forward and backward on gathered bf16 weights,
+    so activations are those of the "bf16" recipe; activation checkpointing per block), by term:
 
-    - ``"sharded states"``: fp32 weights and gradients and the optimizer's state, sharded over
-      ``devices`` (8-bit AdamW, the default here: ~2 bytes per parameter of state and no step
-      temporary, as its blockwise kernel updates one tensor at a time; "adamw": 8 bytes plus
-      the foreach step's 4);
+    - ``"sharded states"``: fp32 weights and gradients and the optimizer's state ("adamw": 8
+      bytes plus the foreach step's 4 per parameter; "adamw-8bit": about 2, no temporary);
     - ``"checkpointed inputs"``: every block's bf16 input, kept for the backward;
     - ``"one block's activations"``: rebuilt in backward, counted twice for their gradients;
     - ``"gathered weights"``: two blocks' bf16 weights (the current one and the prefetched
-      next) plus the prefetched block's all-gather output while it is copied out;
-    - ``"gradient buffers"``: FSDP2's gradient path for one block, its unsharded bf16 gradients
-      and the fp32 reduce-scatter input they are copied into (``reduce_dtype=float32``, as
-      chapter 14 teaches), which FSDP2 keeps alive into the next block's backward
-      (``_fsdp_collectives.foreach_reduce``).
+      next) plus the prefetched block's all-gather output while it is copied out, and the
+      root's (embeddings, LM head, norms) in bf16, which FSDP2 keeps gathered through the step
+      (the root's ``reshard_after_forward`` is False);
+    - ``"gradient buffers"``: FSDP2's gradient path, the unsharded bf16 gradients and the fp32
+      reduce-scatter input they are copied into, for one block (kept alive into the next
+      block's backward, ``_fsdp_collectives.foreach_reduce``) and for the root.
 
-    The transient terms are counted together, an upper bound at the peak; NCCL's own buffers
-    are not counted. With ``tensor_parallel`` = T (Megatron-style, with sequence parallelism),
-    every term but the sharded states is split T ways inside a group of T devices; ZeRO-3
-    shards the states over all ``devices``."""
+    With ``tensor_parallel`` = T, the plan :mod:`vramlab.sharded` runs: each block's linears are
+    split T ways (no sequence parallelism), so the blocks' weights are sharded over all
+    ``devices`` and their gathered weights and gradient buffers are split T ways, while the
+    embeddings, LM head and norms are whole in a TP group and sharded over ``devices / T``, and
+    the checkpointed inputs and a block's activations are not split (counted whole).
+
+    Every term is counted at once, an upper bound on the peak, which the tests check against
+    the dry run of every rung of the guide; NCCL's own buffers are not counted."""
     arch = get_arch(model)
     kept = activation_bytes(arch, batch, seq, "bf16", checkpointing=True)  # bf16 weights, as the policy runs
     block = sum(o * i for o, i in linear_shapes(arch).values())  # one block's matmul parameters
     params = param_count(arch)
+    rest = params - arch.num_layers * block  # embeddings, LM head, norms: whole in a TP group
     state = optimizer_state_bytes(arch, optimizer, "amp-bf16") / params + (4 if optimizer == "adamw" else 0)
+    sharded = zero_bytes_per_rank(arch.num_layers * block, devices, 3, 4, 4, state)
+    whole = zero_bytes_per_rank(rest, devices // tensor_parallel, 3, 4, 4, state)
     return {
-        "sharded states": sum(zero_bytes_per_rank(params, devices, 3, 4, 4, state).values()),
-        "checkpointed inputs": kept // tensor_parallel,
-        "one block's activations": block_backward_bytes(arch, batch, seq, "bf16") // tensor_parallel,
-        "gathered weights": (2 * 2 + 2) * block // tensor_parallel,
-        "gradient buffers": (2 + 4) * block // tensor_parallel,
+        "sharded states": sum(sharded.values()) + sum(whole.values()),
+        "checkpointed inputs": kept,
+        "one block's activations": block_backward_bytes(arch, batch, seq, "bf16"),
+        "gathered weights": (2 * 2 + 2) * block // tensor_parallel + 2 * rest,
+        "gradient buffers": (2 + 4) * block // tensor_parallel + (2 + 4) * rest,
     }
 
 
@@ -213,7 +219,7 @@ def _single(model: str, batch: int, seq: int, checkpointing: bool, peaks: str) -
 
 def _sharded(model: str, devices: int, batch: int, seq: int, tp: int, peaks: str) -> int:
     if peaks == "formula":
-        return zero3_bytes_per_device(model, devices, batch, seq, tp, optimizer="adamw")
+        return zero3_bytes_per_device(model, devices, batch, seq, tp)
     return int(dry_run_rung(model, devices, batch, seq, tp)["peak_bytes"])
 
 

@@ -19,8 +19,9 @@ Two training steps run (forward with labels, backward, optimizer step); the seco
 result, since every later step repeats it. The storage tracker (:mod:`vramlab.tracker`) counts
 what the rank's GPU would hold; it sees FSDP2 free and regather parameters through
 ``UntypedStorage.resize_``. The rank played is rank 0: ``torch.chunk`` gives the first ranks
-the largest shard of every tensor (the last may get less, or nothing), and every other tensor
-has the same size on every rank, so rank 0 is the (or a) rank with the highest peak.
+the largest shard of every sharded tensor (the last may get less, or nothing; ties are
+possible), and FSDP2 pads the rest to one size on every rank, so rank 0 is a rank with the
+highest peak.
 
 The breakdown splits the peak into ``parts``: the sharded states (this rank's shards of
 parameters, gradients and optimizer state), gathered parameters (FSDP2's all-gather buffers
@@ -31,10 +32,12 @@ FSDP2's ``CPUOffloadPolicy`` is refused, not guessed: the dry run's stand-in dev
 where FSDP2's host-to-device copies of each shard (``.to(device)``) return the tensor itself,
 so the transient device copies an offloaded run makes could not be seen.
 
-What differs from a GPU, besides what :mod:`vramlab.dryrun` lists: NCCL's own buffers and
-the CUDA caching allocator's rounding and cache are not counted, and on a GPU FSDP2 runs its
-collectives on other streams, where a freed block is reused only once the stream is done
-(FSDP2 keeps the tensors it needs alive explicitly, and those are counted here).
+What differs from a GPU, besides what :mod:`vramlab.dryrun` lists: NCCL's own buffers (larger
+with tensor parallelism, which adds communicators) and the CUDA caching allocator's rounding and
+cache are not counted. On a GPU FSDP2 allocates all-gather outputs on its all-gather stream and
+reduce-scatter outputs on its reduce-scatter stream, and the caching allocator reuses a freed
+block only for allocations on the stream it came from, so the memory it reserves can exceed what
+is allocated. The dry run's peak is the allocated peak (``torch.cuda.max_memory_allocated``).
 """
 
 from __future__ import annotations
@@ -161,7 +164,7 @@ class ShardedResult:
         lines = [
             f"{self.model}: {self.params:,} parameters; {self.setup.describe()}",
             f"{self.sharding.describe()}; per GPU, rank {self.rank}"
-            + (" (the worst rank: it holds the largest shard of every tensor)" if self.rank == 0 else "")
+            + (" (a worst rank: it holds the largest shard of every sharded tensor)" if self.rank == 0 else "")
             + f" (source: {self.source})",
         ]
         lines += [f"  {part:<20}{format_bytes(self.parts[part]):>14}" for part in PARTS]

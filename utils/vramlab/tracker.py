@@ -50,7 +50,8 @@ from typing import Any
 
 import torch
 import torch.optim.optimizer as optim_hooks
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack
 from torch.utils._pytree import tree_flatten, tree_map_only
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -313,12 +314,36 @@ class StorageTracker(TorchDispatchMode):
             _unwatch_resizes(self)
             self.close()
 
-    def _resized(self, storage: torch.UntypedStorage) -> None:
-        """``storage.resize_`` just ran in some thread: count the new size (an allocation if
-        the storage was unknown or empty, a free when it shrank to zero)."""
-        if threading.get_ident() != self._thread or _on_host():
+    def _sees_resize(self, storage: torch.UntypedStorage) -> bool:
+        """Whether a ``resize_`` of ``storage`` happening now is this tracker's to count: in
+        its thread, or in a thread that runs under it (autograd runs a CUDA backward on a worker
+        thread that inherits the dispatch modes), not host work, on its device (a storage on
+        "meta" only under a fake mode, where every tensor's storage is on meta)."""
+        if _on_host():
+            return False
+        if threading.get_ident() != self._thread and self not in _get_current_dispatch_mode_stack():
+            return False
+        kind = storage.device.type
+        if kind == "meta":
+            return self.device_type != "meta" and any(
+                isinstance(mode, FakeTensorMode) for mode in _get_current_dispatch_mode_stack()
+            )
+        return kind == self.device_type
+
+    def _resize_request(self, storage: torch.UntypedStorage, size: int) -> None:
+        """Before ``storage.resize_(size)``: offer the growth to the allocation hooks (a hook
+        that raises stops the resize)."""
+        if not self._alloc_hooks or not self._sees_resize(storage):
             return
-        if storage.device.type not in (self.device_type, "meta"):  # a fake tensor's storage is on meta
+        record = self._keys.get(storage)
+        grown = (self._rounded(size) if size else 0) - (record.nbytes if record is not None else 0)
+        if grown > 0:
+            self._call_hooks(self.current_bytes, grown)
+
+    def _resized(self, storage: torch.UntypedStorage) -> None:
+        """``storage.resize_`` just ran: count the new size (an allocation if the storage was
+        unknown or empty, a free when it shrank to zero)."""
+        if not self._sees_resize(storage):
             return
         nbytes = self._rounded(storage.nbytes()) if storage.nbytes() else 0
         record = self._keys.get(storage)
@@ -334,10 +359,7 @@ class StorageTracker(TorchDispatchMode):
             weakref.finalize(storage, self._on_free, key)
         elif record.nbytes == 0 and nbytes and record.role is None and self._label is not None:
             record.role, record.part = self._label  # grown from nothing inside a labelled block
-        grown = nbytes - record.nbytes
-        if grown > 0 and self._alloc_hooks:
-            self._call_hooks(self.current_bytes, grown)
-        self.current_bytes += grown
+        self.current_bytes += nbytes - record.nbytes
         record.nbytes = nbytes
         self._update_peak()
 
@@ -457,28 +479,38 @@ class StorageTracker(TorchDispatchMode):
 
 
 _resize_watchers: list[StorageTracker] = []
-_plain_resize = torch.UntypedStorage.resize_
+_outer_resize: list[Any] = []  # the resize_ installed when the first tracker entered (another patcher's, or torch's)
 
 
 def _tracked_resize(storage: torch.UntypedStorage, size: int) -> Any:
-    out = _plain_resize(storage, size)
-    for tracker in list(_resize_watchers):
+    watchers = list(_resize_watchers)
+    for tracker in watchers:
+        tracker._resize_request(storage, size)
+    out = _outer_resize[-1](storage, size)
+    for tracker in watchers:
         tracker._resized(storage)
     return out
 
 
 def _watch_resizes(tracker: StorageTracker) -> None:
-    """Report every ``UntypedStorage.resize_`` to ``tracker`` until :func:`_unwatch_resizes`
-    (the method is wrapped while any tracker is active, and restored after the last)."""
+    """Report every ``UntypedStorage.resize_`` to ``tracker`` until :func:`_unwatch_resizes`.
+    The method is wrapped while any tracker is active; the wrapper calls the ``resize_`` that
+    was installed when the first tracker entered (so a patch of another tool, such as PyTorch's
+    MemTracker, keeps working), and that one is put back after the last tracker leaves, unless
+    someone replaced the wrapper meanwhile."""
+    if not _resize_watchers:
+        _outer_resize.append(torch.UntypedStorage.resize_)
+        torch.UntypedStorage.resize_ = _tracked_resize  # type: ignore[method-assign]
     _resize_watchers.append(tracker)
-    torch.UntypedStorage.resize_ = _tracked_resize  # type: ignore[method-assign]
 
 
 def _unwatch_resizes(tracker: StorageTracker) -> None:
     if tracker in _resize_watchers:
         _resize_watchers.remove(tracker)
-    if not _resize_watchers:
-        torch.UntypedStorage.resize_ = _plain_resize  # type: ignore[method-assign]
+        if not _resize_watchers:
+            outer = _outer_resize.pop()
+            if torch.UntypedStorage.resize_ is _tracked_resize:
+                torch.UntypedStorage.resize_ = outer  # type: ignore[method-assign]
 
 
 def _written_storages(func: Any, args: tuple, kwargs: dict, device_type: str) -> Iterator[torch.UntypedStorage]:
