@@ -186,3 +186,29 @@ def test_the_resize_watch_keeps_another_tools_patch_and_asks_the_budget_first():
         assert seen == [80, 4000] and torch.UntypedStorage.resize_ is other  # the other patch ran (not for 160)
     finally:
         torch.UntypedStorage.resize_ = plain
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_real_rank_on_a_cuda_gpu_holds_what_the_dry_run_counts():
+    """make gpu-check: rank 0 of the fake group with real tensors on the GPU. The tracked peak is
+    the dry run's quantity (1 % bar, as for the gloo ranks); the allocator's peak adds what no
+    tracker sees (cuBLAS's workspace, 512-byte rounding), bounded here at 5 % + 64 MiB."""
+    from vramlab.sharded import cuda_rank_check
+
+    arch = SMALL_LLAMA.with_(hidden_size=1024, intermediate_size=2816, num_heads=8, num_kv_heads=4, vocab_size=32001)
+    got = cuda_rank_check(arch, Setup(batch=2, seq=512, checkpointing=True), gpus=4, mixed_precision="bf16")
+    print(got)
+    assert abs(got["tracked_peak_bytes"] - got["dry_run_peak_bytes"]) <= 0.01 * got["dry_run_peak_bytes"]
+    assert got["tracked_peak_bytes"] <= got["allocated_peak_bytes"] <= 1.05 * got["tracked_peak_bytes"] + 2**26
+
+
+def test_the_gpu_check_refuses_a_cpu_and_autocast(monkeypatch):
+    from vramlab import device
+    from vramlab.sharded import cuda_rank_check
+
+    monkeypatch.setattr(device, "has_cuda", lambda: False)
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        cuda_rank_check(ARCH, Setup(), gpus=2)
+    monkeypatch.setattr(device, "has_cuda", lambda: True)
+    with pytest.raises(ValueError, match="no autocast"):
+        cuda_rank_check(ARCH, Setup(recipe="amp-bf16"), gpus=2)

@@ -51,6 +51,7 @@ CUDA_TESTS = (
     "tests/test_measure.py::test_cuda_measurement_matches_allocator",
     "tests/test_measure.py::test_cuda_budget_and_allocator_cap",
     "tests/test_offload.py::test_torchao_cpu_offload_on_a_gpu_matches_the_dry_run",
+    "tests/test_sharded.py::test_a_real_rank_on_a_cuda_gpu_holds_what_the_dry_run_counts",
 )
 
 

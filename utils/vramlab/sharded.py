@@ -288,15 +288,26 @@ def _process_group(gpus: int, fake: bool) -> Iterator[int]:
         dist.destroy_process_group()
 
 
-def _run(arch: ArchConfig, setup: Setup, sharding: Sharding, rank: int, fake: bool, timeline: bool) -> ShardedResult:
+def _run(
+    arch: ArchConfig,
+    setup: Setup,
+    sharding: Sharding,
+    rank: int,
+    fake: bool,
+    timeline: bool,
+    device: str = "cpu",
+    around: Callable[[], Any] = contextlib.nullcontext,
+) -> ShardedResult:
+    """The two steps on ``device`` ("cpu", or "cuda" for :func:`cuda_rank_check`), on fake tensors
+    or (``fake=False``) real ones, each inside a fresh ``around()`` context."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from .dryrun import _enable_checkpointing, _quiet_fake_tensor_log, build_hf_model, make_optimizer
 
     rec = get_recipe(setup.recipe)
-    mesh = _mesh(sharding)
+    mesh = _mesh(sharding, device)
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()  # the mesh is real
-    with _real_meshes(), mode, _quiet_fake_tensor_log(), _labels() as active:
+    with _real_meshes(), mode, _quiet_fake_tensor_log(), _labels() as active, torch.device(device):
         if not fake:
             torch.manual_seed(0)  # every rank builds the same weights and reads the same batch
         net = build_hf_model(arch, rec.param_dtype, setup.attention)
@@ -309,7 +320,10 @@ def _run(arch: ArchConfig, setup: Setup, sharding: Sharding, rank: int, fake: bo
         _fully_shard(net, mesh["dp"], sharding)
         opt = make_optimizer(setup.optimizer, list(net.parameters()))
         ids = torch.randint(0, arch.vocab_size, (setup.batch, setup.seq))
-        steps = [_step(net, opt, ids, rec, active, timeline) for _ in range(2)]
+        steps = []
+        for _ in range(2):
+            with around():
+                steps.append(_step(net, opt, ids, rec, active, timeline, device))
     tracker, moment = steps[1]
     first, _ = steps[0]
     return ShardedResult(
@@ -348,10 +362,10 @@ def _real_meshes() -> Iterator[None]:
         DeviceMesh.__init__ = plain  # type: ignore[method-assign]
 
 
-def _mesh(sharding: Sharding) -> Any:
+def _mesh(sharding: Sharding, device: str = "cpu") -> Any:
     from torch.distributed.device_mesh import init_device_mesh
 
-    return init_device_mesh("cpu", (sharding.dp, sharding.tp), mesh_dim_names=("dp", "tp"))
+    return init_device_mesh(device, (sharding.dp, sharding.tp), mesh_dim_names=("dp", "tp"))
 
 
 def _blocks(net: torch.nn.Module) -> list[torch.nn.Module]:
@@ -393,6 +407,7 @@ def _step(
     rec: Any,
     active: list[StorageTracker],
     timeline: bool,
+    device: str = "cpu",
 ) -> tuple[StorageTracker, str]:
     """One measured training step; returns its tracker and the moment of its peak."""
     from torch.distributed._tools.mod_tracker import ModTracker
@@ -400,7 +415,7 @@ def _step(
     from .dryrun import _autocast
 
     opt.zero_grad(set_to_none=True)
-    tracker = StorageTracker("cpu", timeline=timeline)
+    tracker = StorageTracker(device, timeline=timeline)
     modules = ModTracker()
     tracker.moment = lambda: _moment(tracker, modules)
     with tracker, modules:
@@ -494,3 +509,45 @@ def real_rank(rank: Any, model: ArchConfig, setup: Setup, sharding: dict[str, An
     dry run: small models only, every rank allocates for real."""
     torch.set_num_threads(1)
     return sharded_dryrun(model, setup, _fake=False, **sharding).to_json()
+
+
+def cuda_rank_check(model: str | ArchConfig, setup: Setup, **sharding: Any) -> dict[str, Any]:
+    """The dry run against this machine's GPU (``make gpu-check``): rank 0 of the same fake
+    process group, with real tensors on CUDA (the fake collectives move no data, so the values
+    are meaningless, but every allocation is real). Returns the CPU dry run's peak, the tracked
+    peak of the CUDA run (the same quantity) and the CUDA allocator's peak during its second
+    step (``max_memory_allocated``: also what the tracker cannot see, such as cuBLAS's
+    workspace, and 512-byte rounding), in bytes. Only recipes without autocast (fp32, bf16, or
+    fp32 with ``mixed_precision="bf16"``): the dry run's autocast is the CPU's."""
+    from .device import has_cuda
+
+    if not has_cuda():
+        raise ValueError("cuda_rank_check needs a CUDA GPU; on a CPU the dry run is the check")
+    arch = get_arch(model)
+    config = Sharding(**sharding)
+    check(arch, setup, config)
+    if get_recipe(setup.recipe).compute_dtype is not None:
+        raise ValueError("cuda_rank_check takes fp32 or bf16 (or --mixed-precision bf16): no autocast recipe")
+    dry = sharded_dryrun(arch, setup, **sharding)
+    allocated: list[int] = []
+    with _process_group(config.gpus, fake=True) as rank:
+        real = _run(arch, setup, config, rank, fake=False, timeline=False, device="cuda", around=_cuda_peak(allocated))
+    return {
+        "dry_run_peak_bytes": dry.peak_bytes,
+        "tracked_peak_bytes": real.peak_bytes,
+        "allocated_peak_bytes": allocated[1],
+    }
+
+
+def _cuda_peak(peaks: list[int]) -> Callable[[], Any]:
+    """A context factory for :func:`_run`: each step's ``max_memory_allocated``, appended to ``peaks``."""
+
+    @contextlib.contextmanager
+    def around() -> Iterator[None]:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        yield
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated())
+
+    return around
