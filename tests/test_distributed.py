@@ -193,7 +193,11 @@ def test_torchrun_runs_fsdp2_and_meta_init_never_holds_the_whole_model():
     assert [d["rank"] for d in meta] == [0, 1]
     for f, m in zip(full, meta):
         assert f["init_peak_bytes"] >= f["full_param_bytes"] > 1.9 * m["init_peak_bytes"]
-        assert m["param_bytes"] == f["param_bytes"] and m["step_peak_bytes"] == f["step_peak_bytes"]
+        assert m["param_bytes"] == f["param_bytes"]
+        # The same step: within 3 %, not to the byte. The tracker sees FSDP2 regather and free parameters
+        # (UntypedStorage.resize_), and when gloo's work objects let go of a collective's buffers varies
+        # from run to run: the same launch measured 6,220,936 and 6,350,728 bytes on rank 0.
+        assert abs(m["step_peak_bytes"] - f["step_peak_bytes"]) <= 0.03 * f["step_peak_bytes"]
     with pytest.raises(RankFailed, match="--layers must be at least 1"):
         torchrun("vramlab.torchrun_fsdp", 2, ["--layers", "0"], timeout_s=60)
     with pytest.raises(RankFailed, match="--prefetch must be between 0 and layers - 1"):

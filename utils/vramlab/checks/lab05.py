@@ -38,7 +38,7 @@ WORLD = 2
 GLOBAL_BATCH = 4
 BATCH_PER_RANK = GLOBAL_BATCH // WORLD
 STEPS = 3
-BUDGET = 50 * MiB
+BUDGET = 40 * MiB  # the honest FSDP2 peak is 35.5 MiB; a full fp32 copy kept on the side reaches 47.9
 LOSS_RTOL = 1e-4
 STATE_RTOL = 0.01
 
