@@ -241,3 +241,19 @@ def test_an_unquantized_checkpoint_is_its_config_and_stores_its_parameters(tmp_p
     assert main(["estimate", str(tmp_path / "bf16"), "--inference", "--seq", "64", "--recipe", "bf16", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["details"]["stored_bytes"] == stored == out["breakdown"]["parameters"]  # bf16 as stored
+
+
+def test_an_unreachable_hub_is_not_called_offline_mode(tmp_path, monkeypatch):
+    """Nothing listens on the endpoint: the line says the Hub could not be reached, not that
+    HF_HUB_OFFLINE is set (it is not)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(ValueError) as err:
+        stored_weights("org/anything", timeout=1.0)
+    assert "HF_HUB_OFFLINE" not in str(err.value) and len(str(err.value).splitlines()) == 1

@@ -312,10 +312,15 @@ class _hub_errors:
             )
         elif isinstance(err, errors.SafetensorsParsingError):
             message = f"{where}: a safetensors header could not be read ({str(err).splitlines()[0]})"
-        elif isinstance(err, errors.OfflineModeIsEnabled) or isinstance(err, errors.LocalEntryNotFoundError):
+        elif (
+            isinstance(err, (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError))
+            and _hub_settings()["offline"]
+        ):
             message = (
                 f"{where}: HF_HUB_OFFLINE is set and its headers are not in the cache; unset it, or give a local folder"
             )
+        elif isinstance(err, errors.LocalEntryNotFoundError):  # the Hub could not be reached, nothing cached
+            message = f"{where}: the Hub could not be reached and nothing of it is in the cache ({name})"
         elif isinstance(err, TimeoutError) or "Timeout" in name:
             message = f"{where}: the Hub did not answer within {self.timeout:g} s; try again or raise the timeout"
         elif isinstance(err, errors.EntryNotFoundError):
