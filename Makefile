@@ -64,6 +64,7 @@ dist: $(STAMP)  # a wheel an instructor can upload to Colab beside the notebooks
 bench: $(STAMP)
 	$(BIN)/python bench/estimate_accuracy.py --write
 	$(BIN)/python bench/sharded_dryrun.py --write
+	$(BIN)/python bench/vllm/validate.py --write
 
 clean:
 	rm -rf $(VENV) .pytest_cache dist build

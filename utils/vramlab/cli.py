@@ -12,6 +12,7 @@
     vramlab dryrun   --config any/config.json                          # any transformers causal LM
     vramlab dryrun   llama-2-7b --recipe bf16 --lora 16                # LoRA fine-tuning
     vramlab estimate llama-2-7b --recipe amp-bf16 --offload            # AdamW state in host memory
+    vramlab serve    llama-3-8b --gpu H100 --max-model-len 8192          # vLLM's KV cache and concurrency
 
 ``--inference`` means a prefill of ``--seq`` tokens per sequence that builds the KV cache,
 under ``torch.inference_mode``; without it, a training step (forward, backward, optimizer
@@ -49,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     weights.add_argument("source", help="a .safetensors, .gguf or index file, a folder, or a Hub id org/model[@rev]")
     weights.add_argument("--timeout", type=float, default=10.0, help="seconds per Hub request (default 10)")
     weights.add_argument("--json", action="store_true", help="print one JSON object")
+    _serve_parser(sub)
     for name, text in (
         ("estimate", "closed-form estimate (instant)"),
         ("dryrun", "exact allocation trace on fake tensors"),
@@ -117,6 +119,81 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _serve_parser(sub: Any) -> None:
+    serve = sub.add_parser("serve", help="vLLM's start-up plan: KV cache size in tokens, maximum concurrency")
+    serve.add_argument("model", help="a registry name, a checkpoint folder or file, or a Hub id org/model[@rev]")
+    serve.add_argument("--gpu", required=True, help="a card (H100, 'A100 80GB', T4) or its total memory (79.22GiB)")
+    serve.add_argument("--tp", type=int, default=1, help="--tensor-parallel-size (default 1)")
+    serve.add_argument("--gpus", type=int, help="GPUs in all; must equal --tp (pipeline parallelism is not modelled)")
+    serve.add_argument("--max-model-len", type=int, help="tokens per request (default: the model's context)")
+    serve.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vLLM's fraction (default 0.9)")
+    serve.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) or fp8")
+    serve.add_argument("--max-num-seqs", type=int, help="default: vLLM's for the card")
+    serve.add_argument("--max-num-batched-tokens", type=int, help="default: vLLM's for the card")
+    serve.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
+    serve.add_argument("--dtype", default="bf16", help="the model's dtype (default bf16)")
+    serve.add_argument(
+        "--sampler", choices=("flashinfer", "native"), default="flashinfer", help="the sampler of the profile run"
+    )
+    for flag, what in (
+        ("--profile-peak", "'torch peak memory increase' from your vLLM log, e.g. 0.52GiB"),
+        ("--non-torch", "'non-torch forward increase memory' from your vLLM log (default 128MiB)"),
+        ("--weights", "'Model loading took' from your vLLM log"),
+        ("--cuda-graph-memory", "vLLM 0.21+: its 'Estimated CUDA graph memory'"),
+    ):
+        serve.add_argument(flag, help=what)
+    serve.add_argument("--requests", type=int, help="also: the --kv-cache-memory that holds this many requests")
+    serve.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _serve(args: argparse.Namespace) -> dict[str, Any]:
+    """``vramlab serve``: the plan, with the inverse answers beside it."""
+    from .hardware import CUDA_TOTALS, gpu_size
+    from .serving import ServeConfig, serve_plan
+    from .units import parse_bytes
+
+    if args.gpus is not None and args.gpus != args.tp:
+        raise ValueError(
+            f"--gpus {args.gpus} with --tp {args.tp}: pipeline parallelism is not modelled; give --gpus equal to --tp"
+        )
+    total, name = gpu_size(args.gpu)
+    total = CUDA_TOTALS.get(name, total)
+    sizes = {}
+    for key in ("profile_peak", "non_torch", "weights", "cuda_graph_memory"):
+        value = getattr(args, key)
+        sizes[key] = None if value is None else parse_bytes(value)
+    stored = _checkpoint(args)
+    arch = _arch_of(args.model, stored)
+    if stored is not None and sizes["weights"] is None and args.tp == 1:
+        sizes["weights"] = stored.total_bytes
+    config = ServeConfig(
+        gpu_bytes=total,
+        tp=args.tp,
+        max_model_len=args.max_model_len,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_dtype=args.kv_cache_dtype,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
+        dtype=args.dtype,
+        gpu_name=name,
+        sampler=args.sampler,
+        profile_peak_bytes=sizes["profile_peak"],
+        non_torch_bytes=sizes["non_torch"],
+        weights_bytes=sizes["weights"],
+        cuda_graph_bytes=sizes["cuda_graph_memory"] or 0,
+    )
+    plan = serve_plan(arch, config, name=args.model)
+    if stored is not None and args.tp == 1 and args.weights is None:
+        plan.sources["weights"] = "stored bytes of the checkpoint"
+    obj = plan.to_json()
+    text = str(plan)
+    if args.requests:
+        obj["kv_cache_memory_bytes"] = memory = plan.kv_cache_memory_for(args.requests)
+        text += f"\n  --kv-cache-memory={memory} holds {args.requests} requests of {plan.max_model_len:,} tokens"
+    return {"text": text, **obj}
+
+
 def _checkpoint(args: argparse.Namespace) -> Any:
     """The checkpoint ``args.model`` names (a path here or a Hub id, not a registry name), or None."""
     from pathlib import Path
@@ -131,6 +208,17 @@ def _checkpoint(args: argparse.Namespace) -> Any:
     return stored_weights(name)
 
 
+def _arch_of(model: str, stored: Any) -> Any:
+    """The shapes of a registry name or of a checkpoint's config.json."""
+    if stored is None:
+        return get_arch(model)
+    if stored.config is None:
+        raise ValueError(f"{stored.source}: no config.json beside the weights, so its shapes are unknown")
+    from .models import from_hf_config
+
+    return from_hf_config(stored.config, name=stored.source)
+
+
 def _arch(args: argparse.Namespace, stored: Any = None) -> Any:
     if args.config and args.model:
         raise ValueError("give a model name or --config, not both")
@@ -139,16 +227,12 @@ def _arch(args: argparse.Namespace, stored: Any = None) -> Any:
     if not args.model:
         raise ValueError("name a model (see 'vramlab models') or pass --config config.json")
     if stored is not None:
-        if stored.config is None:
-            raise ValueError(f"{stored.source}: no config.json beside the weights, so its shapes are unknown")
         if stored.quantization and args.command != "estimate":
             raise ValueError(
                 f"{stored.source} is quantized ({stored.quantization}): `vramlab estimate --inference` sizes it; "
                 f"`{args.command}` builds the unquantized model"
             )
-        from .models import from_hf_config
-
-        return from_hf_config(stored.config, name=stored.source)
+        return _arch_of(args.model, stored)
     return get_arch(args.model)
 
 
@@ -411,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
 
             stored = stored_weights(args.source, timeout=args.timeout)
             return _write(json.dumps(stored.to_json(), indent=2) if args.json else str(stored))
-        obj = _run(args)
+        obj = _serve(args) if args.command == "serve" else _run(args)
     except (ValueError, KeyError, FileNotFoundError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"vramlab: error: {message}", file=sys.stderr)

@@ -28,6 +28,14 @@ SIZE_CLASSES: dict[str, int] = {  # cards sold as this many GB, by the first car
 }
 """The decision guide's columns (:mod:`vramlab.planner`): one nvidia-smi total per size class."""
 
+CUDA_TOTALS: dict[str, int] = {  # torch.cuda.mem_get_info()'s total, which vLLM sizes from
+    "H100 80GB": round(79.22 * 1024) * MiB,  # vllm-project/vllm PR #10511: "total_gpu_memory (79.22GiB)"
+    "T4 (16 GB)": round(14.56 * 1024) * MiB,  # an Unsloth Colab log of vLLM 0.7.2 (bench/vllm/cases.json)
+}
+"""What CUDA reports as a card's total, where a vLLM log printed it (2 decimals of GiB): less
+than nvidia-smi's total by what the driver keeps. Other cards: pass the size your
+``torch.cuda.mem_get_info()[1]`` gives."""
+
 CONTEXT_HEADROOM = 512 * MiB
 """Bytes a fit verdict leaves free for the CUDA context and allocator slack. Contexts take
 a few hundred MiB; chapter 04 measures yours. Pass another value where it matters."""
@@ -38,3 +46,23 @@ def fits(peak_bytes: int, gpu_bytes: int, headroom: int = CONTEXT_HEADROOM) -> b
     if peak_bytes < 0 or gpu_bytes <= 0 or headroom < 0:
         raise ValueError("peak and headroom must be >= 0 bytes and the GPU size > 0 bytes")
     return peak_bytes + headroom <= gpu_bytes
+
+
+def gpu_size(card: str) -> tuple[int, str]:
+    """``(bytes, name)`` for a card named in :data:`GPUS` (case-insensitive, a unique part of
+    the name such as ``"H100"`` or ``"a100 40gb"``) or a size such as ``"79.22GiB"`` (name "")."""
+    from .units import parse_bytes
+
+    wanted = " ".join(card.lower().split())
+    named = [name for name in GPUS if wanted and wanted in name.lower()]
+    if len(named) == 1:
+        return GPUS[named[0]], named[0]
+    if len(named) > 1:
+        raise ValueError(f"GPU {card!r} is ambiguous: name one of {', '.join(named)}, or give its size (e.g. 79.25GiB)")
+    try:
+        return parse_bytes(card), ""
+    except ValueError:
+        raise ValueError(
+            f"unknown GPU {card!r}: name one of {', '.join(GPUS)}, or give its total memory as "
+            "torch.cuda.mem_get_info() reports it (e.g. 79.25GiB)"
+        ) from None
