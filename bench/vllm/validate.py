@@ -132,7 +132,13 @@ def run() -> list[dict]:
     rows = []
     for case in cases:
         arch = _arch(case)
-        row = {"case": case["citation"], "model": case["model"], "gpu": case["gpu"], "version": case["vllm_version"]}
+        row = {
+            "case": case["citation"],
+            "model": case["model"],
+            "gpu": case["gpu"],
+            "version": case["vllm_version"],
+            "util": case["gpu_memory_utilization"],
+        }
         row["A"] = arithmetic(case, arch) if arch else None
         reason = why_not(case) or (
             None if arch else WHY_NOT["moe"] if "MoE" in case["model"] else "model shapes not here"
@@ -185,8 +191,33 @@ def report(rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def readme_block(rows: list[dict]) -> str:
+    """The README's serving rows: each predicted case with the sampler its set-up used."""
+    used = {"A100": "flashinfer", "WSL2": "native"}  # FlashInfer on the A100 log; the WSL2 card falls back
+    out = [
+        "| vLLM log | card, version | utilization | sampler | available KV: ours (log) | tokens: ours (log) | error |",
+        "|---|---|---:|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        for key, sampler in used.items():
+            if r.get("B") and key in r["gpu"]:
+                b = r["B"][sampler]
+                out.append(
+                    f"| {r['case'].split(' (')[0]} | {r['gpu'].split(' (')[0]}, {r['version'] or 'not logged'} | "
+                    f"{r['util']} | {sampler} | "
+                    f"{b['available_gib']:.2f} GiB ({b['logged_available_gib']} GiB) | "
+                    f"{b['tokens']:,} ({b['logged_tokens']:,}) | {b['error_pct']:+.2f} % |"
+                )
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
-    text = report(run())
+    rows = run()
+    text = report(rows)
     if "--write" in sys.argv:
         (HERE / "validation.md").write_text(text)
+        readme = HERE.parents[1] / "README.md"
+        head, rest = readme.read_text().split("<!-- vllm -->\n", 1)
+        tail = rest.split("<!-- /vllm -->", 1)[1]
+        readme.write_text(f"{head}<!-- vllm -->\n{readme_block(rows)}\n<!-- /vllm -->{tail}")
     print(text)
