@@ -132,6 +132,11 @@ def test_bad_configs_are_one_clear_sentence(changes, words):
         serve_plan("llama-3-8b", ServeConfig(**{"gpu_bytes": 40 * GiB, **changes}))
 
 
+def test_a_sliding_window_model_is_refused():
+    with pytest.raises(ValueError, match="sliding window of 4096 tokens"):
+        serve_plan("mistral-7b", ServeConfig(gpu_bytes=40 * GiB))
+
+
 def test_the_cli_serves_a_plan_and_refuses_in_one_line(capsys):
     assert main(["serve", "qwen2.5-0.5b", "--gpu", "T4", "--max-model-len", "4096", "--requests", "4", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -59,6 +59,9 @@ its logs show 0.01 to 0.35 GiB (``bench/vllm/cases.json``)."""
 KV_DTYPE_BYTES = {"fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
 MODEL_DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "half": 2, "fp32": 4, "float32": 4}
 LARGE_GPU = 70 * GiB
+SLIDING_WINDOWS = {"mistral-7b": 4096}
+"""Registry models whose attention is a sliding window (tokens): vLLM sizes their requests by the
+window, which is not modelled here, so they are refused."""
 
 
 @dataclass(frozen=True)
@@ -314,6 +317,11 @@ def serve_plan(model: str | ArchConfig, config: ServeConfig, *, name: str | None
     """vLLM's start-up memory plan for ``model`` (a registry name or :class:`ArchConfig`) under
     ``config``; see the module docstring for the algorithm and what is estimated."""
     arch = get_arch(model)
+    if arch.name in SLIDING_WINDOWS:
+        raise ValueError(
+            f"{arch.name} attends over a sliding window of {SLIDING_WINDOWS[arch.name]} tokens, which vLLM sizes "
+            "differently per request; vramlab serve models full attention only"
+        )
     seqs, tokens = config.batching()
     length = config.max_model_len or arch.max_position
     if length > arch.max_position:
