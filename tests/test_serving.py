@@ -149,7 +149,20 @@ def test_the_cli_serves_a_plan_and_refuses_in_one_line(capsys):
         (["serve", "qwen2.5-0.5b", "--gpu", "16G"], "unknown GPU"),
         (["serve", "qwen2.5-0.5b", "--gpu", "T4", "--tp", "2", "--gpus", "4"], "pipeline"),
         (["serve", "qwen2.5-0.5b", "--gpu", "T4", "--profile-peak", "1.5"], "whole number of bytes"),
+        (["serve", "qwen2.5-0.5b", "--gpu", "T4", "--requests", "0"], "requests must be a positive"),
     ):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert words in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_quantized_checkpoint_serves_its_stored_bytes_and_refuses_a_split_it_cannot_model(tmp_path, capsys):
+    from test_checkpoints import _llama_checkpoint
+
+    stored = _llama_checkpoint(tmp_path / "gptq", quantized=True)
+    argv = ["serve", str(tmp_path / "gptq"), "--gpu", "T4", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["weights_bytes"] == stored and out["sources"]["weights"] == "stored bytes of the checkpoint"
+    assert main([*argv, "--tp", "2", "--profile-peak", "1GiB"]) == 2
+    assert "give --weights" in capsys.readouterr().err

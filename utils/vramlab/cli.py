@@ -164,8 +164,14 @@ def _serve(args: argparse.Namespace) -> dict[str, Any]:
         sizes[key] = None if value is None else parse_bytes(value)
     stored = _checkpoint(args)
     arch = _arch_of(args.model, stored)
-    if stored is not None and sizes["weights"] is None and args.tp == 1:
-        sizes["weights"] = stored.total_bytes
+    if stored is not None and sizes["weights"] is None:
+        if args.tp > 1 and stored.quantization:
+            raise ValueError(
+                f"{stored.source} is quantized ({stored.quantization}): how vLLM splits its packed weights over "
+                "--tp is not modelled; give --weights from your vLLM log ('Model loading took')"
+            )
+        if args.tp == 1:
+            sizes["weights"] = stored.total_bytes
     config = ServeConfig(
         gpu_bytes=total,
         tp=args.tp,
@@ -188,7 +194,7 @@ def _serve(args: argparse.Namespace) -> dict[str, Any]:
         plan.sources["weights"] = "stored bytes of the checkpoint"
     obj = plan.to_json()
     text = str(plan)
-    if args.requests:
+    if args.requests is not None:
         obj["kv_cache_memory_bytes"] = memory = plan.kv_cache_memory_for(args.requests)
         text += f"\n  --kv-cache-memory={memory} holds {args.requests} requests of {plan.max_model_len:,} tokens"
     return {"text": text, **obj}
