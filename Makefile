@@ -29,6 +29,7 @@ lab: $(STAMP)
 	$(BIN)/jupyter lab --no-browser --ip=127.0.0.1 --port=$(PORT) $(ROOT_FLAG) --ServerApp.root_dir=$(CURDIR) \
 		--LabApp.default_url=/lab/tree/chapters/00_start_here.ipynb  # the printed URL opens chapter 00
 
+WHEEL := $(BIN)/python -m pip wheel -q --no-deps --no-build-isolation -w
 LINTED := utils tests tests_site book bench conftest.py
 
 test: $(STAMP)
@@ -40,7 +41,10 @@ test: $(STAMP)
 
 BOOK_FLAGS ?=  # --reuse-only: fail rather than execute a notebook the test run did not (CI)
 
-book: $(STAMP)
+book: $(STAMP)  # the site, with the calculator's runtime (npm's pyodide) and this vramlab's wheel
+	rm -rf build/wheel
+	$(BIN)/python -m pip install -q "setuptools>=68"
+	$(WHEEL) build/wheel .
 	$(BIN)/python book/build_site.py $(BOOK_FLAGS)
 
 test-site: book
@@ -58,7 +62,7 @@ strip: $(STAMP)
 dist: $(STAMP)  # a wheel an instructor can upload to Colab beside the notebooks (see README, On Colab)
 	rm -rf dist build
 	$(BIN)/python -m pip install -q "setuptools>=68"
-	$(BIN)/python -m pip wheel -q --no-deps --no-build-isolation -w dist .
+	$(WHEEL) dist .
 	@ls dist/*.whl
 
 bench: $(STAMP)

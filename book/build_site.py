@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import calculator  # noqa: E402 - beside this script
 import executed_notebooks as executed  # noqa: E402 - beside this script
 
 ROOT = executed.ROOT
@@ -140,6 +141,8 @@ def page(nb: Any, relative: str, records: list[tuple[str, dict[str, Any]]]) -> A
         if cell.cell_type == "markdown":
             cell.source = BADGE.sub(r"[Open in Colab](\1)", cell.source)
     nb.cells.insert(1, nbformat.v4.new_markdown_cell(machine_box(nb, relative, records)))
+    if relative == "chapters/02_training_memory_anatomy.ipynb" and not calculator.embed(nb, wheel().name, _version()):
+        raise SystemExit("book: chapter 02 shows no memory calculator to make live")
     return nb
 
 
@@ -168,6 +171,8 @@ def home(stamps: dict[str, dict[str, Any]], titles: dict[str, str]) -> str:
             + "; ".join(f"**{m}**" for m in machines)
             + ". Read first, then run: each page has a *launch in Colab* and a *download* button.",
             "",
+            "A [live memory calculator](calculator) runs the course's estimator in your browser.",
+            "",
             "## Course map",
             "",
             "| # | Notebook | What you measure |",
@@ -180,7 +185,7 @@ def home(stamps: dict[str, dict[str, Any]], titles: dict[str, str]) -> str:
             "",
             *sols,
             "",
-            "```{toctree}\n:hidden:\n:caption: Course\n\n" + toc_course + "\n```",
+            "```{toctree}\n:hidden:\n:caption: Course\n\ncalculator\n" + toc_course + "\n```",
             "",
             "```{toctree}\n:hidden:\n:caption: Lab solutions\n\n" + toc_solutions + "\n```",
             "",
@@ -207,7 +212,20 @@ def assemble(reuse_only: bool) -> tuple[int, int]:
         target.parent.mkdir(parents=True, exist_ok=True)
         nbformat.write(page(nb, relative, records.get(relative, [])), str(target))
     (SRC / "index.md").write_text(home(stamps, titles), encoding="utf-8")
+    (SRC / "calculator.md").write_text(calculator.page(wheel().name, _version()), encoding="utf-8")
     return reused, ran
+
+
+def wheel() -> Path:
+    """The vramlab wheel ``make book`` built into build/wheel (as ``make dist`` builds it)."""
+    found = sorted((ROOT / "build" / "wheel").glob("vramlab-*.whl"))
+    if not found:
+        raise SystemExit("book: no wheel in build/wheel: run `make book`, which builds it")
+    return found[-1]
+
+
+def _version() -> str:
+    return wheel().name.split("-")[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
 
     code = build_main(["-b", "html", "-q", "-W", "--keep-going", "-c", str(BOOK), str(SRC), str(SITE)])
     if code == 0:
+        calculator.install(SITE, calculator.runtime(ROOT / "build" / "pyodide"), wheel())
         print(f"book: built {SITE / 'index.html'}")
     return code
 

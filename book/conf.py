@@ -4,7 +4,8 @@ Sphinx with MyST-NB renders the notebooks with the outputs that ``make test`` pr
 execution here: ``nb_execution_mode = "off"``); sphinx-book-theme gives the course map as
 navigation, a search box, and per page "launch in Colab" and "download notebook" buttons.
 Nothing is loaded from the network: the ipywidgets JavaScript (a CDN) is not included, and
-widget outputs fall back to their static HTML (the calculator's table and picture).
+widget outputs fall back to their static HTML, except chapter 02's memory calculator, which
+build_site.py replaces by the live one (book/calculator.py: vramlab in the browser via Pyodide).
 """
 
 from __future__ import annotations

@@ -134,18 +134,16 @@ def test_search_box_finds_a_chapter(page, base_url):
     assert (SITE / "index.html").read_text(encoding="utf-8").count('type="search"') >= 1
 
 
-def test_calculator_shows_its_static_fallback(page, base_url):
-    _visit(page, f"{base_url}/chapters/02_training_memory_anatomy.html")
-    box = page.locator(".vramlab-calculator-fallback")
-    assert box.count() == 1
-    assert box.locator("table td").count() == 30
-    assert box.locator("img").evaluate("img => img.naturalWidth > 0")
-    assert "needs a running Python kernel" in box.inner_text()
+def test_chapter_02_runs_the_live_calculator_in_place_of_its_static_view(page, base_url):
+    problems = _visit(page, f"{base_url}/chapters/02_training_memory_anatomy.html")
+    page.wait_for_selector('#vramlab-calc[data-ready="1"]', state="attached", timeout=120_000)
+    assert problems == [] and page.locator(".vramlab-calculator-fallback").count() == 0
+    assert "Peak (steady state)" in page.inner_text("#calc-out")
 
 
 def test_course_map_is_the_navigation(page, base_url):
     _visit(page, f"{base_url}/index.html")
     nav = page.locator("nav.bd-links a.reference.internal")
     targets = nav.evaluate_all("links => links.map(a => a.getAttribute('href'))")
-    expected = [_html(p) for p in NOTEBOOKS]
+    expected = ["calculator.html"] + [_html(p) for p in NOTEBOOKS]
     assert [t for t in targets if t.endswith(".html") and t != "#"] == expected
