@@ -50,6 +50,8 @@ def test_errors_are_the_librarys_sentence(capsys):
     assert "mamba" in pasted["error"]
     assert "LoRA" in answer({"model": "llama-2-7b", "lora": "8"})["error"]  # dry run only: refused, not guessed
     assert "batch" in answer({"model": "gpt2", "batch": "0"})["error"]
+    assert "--gpus must be 1 or more" in answer({"model": "gpt2", "gpus": "0"})["error"]  # as typed in an address
+    assert "invalid int value: 'two'" in answer({"model": "gpt2", "gpus": "two"})["error"]
 
 
 def test_the_calculator_imports_no_torch():

@@ -93,8 +93,13 @@
     const q = query();
     permalink(q);
     const answer = py.globals.get("answer_json");
-    show(JSON.parse(answer(JSON.stringify(q), form.elements.config.value)));
-    answer.destroy();
+    try {
+      show(JSON.parse(answer(JSON.stringify(q), form.elements.config.value)));
+    } catch (err) {  // not a sentence of the library's: say what broke rather than show stale numbers
+      show({ error: "The calculator failed on these inputs: " + err });
+    } finally {
+      answer.destroy();
+    }
   }
 
   async function start() {

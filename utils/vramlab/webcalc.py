@@ -40,10 +40,13 @@ def argv_for(query: dict[str, str], command: str = "estimate", config_path: str 
     for rank in ("qlora", "lora"):
         if query.get(rank):
             argv += [f"--{rank}", str(query[rank])]
-    gpus = int(query.get("gpus") or 1)
-    if command == "estimate" and gpus > 1:
-        argv += ["--gpus", str(gpus), "--zero", "3"]
+    if command == "estimate" and not _one_gpu(query):  # the CLI judges the count
+        argv += ["--gpus", str(query["gpus"]), "--zero", "3"]
     return [*argv, "--json"]
+
+
+def _one_gpu(query: dict[str, str]) -> bool:
+    return str(query.get("gpus") or "1").strip() == "1"
 
 
 def _gpu(query: dict[str, str]) -> str:
@@ -83,7 +86,7 @@ def answer(query: dict[str, str], config_text: str | None = None) -> dict[str, A
     if "error" in estimate:
         return {"argv": argv, "error": estimate["error"]}
     result: dict[str, Any] = {"argv": argv, "estimate": estimate}
-    single = int(query.get("gpus") or 1) == 1
+    single = _one_gpu(query)
     result["smallest_gpu"] = (
         next(
             (name for name, size in sorted(GPUS.items(), key=lambda kv: kv[1]) if fits(estimate["peak_bytes"], size)),
